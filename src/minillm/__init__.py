@@ -4,7 +4,13 @@ The public names of each chapter's module are re-exported here, in the order of 
 """
 
 from minillm.corpus import EOT, Corpus, CorpusError, Document, load_corpus, stdlib_corpus
+from minillm.tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer, TokenizerError, train_bpe
 
 __version__ = "0.1.0"
 
-__all__ = ["EOT", "Corpus", "CorpusError", "Document", "load_corpus", "stdlib_corpus"]
+__all__ = [
+    # chapter 00: the corpus
+    "EOT", "Corpus", "CorpusError", "Document", "load_corpus", "stdlib_corpus",
+    # chapter 01: the tokenizer
+    "GPT2_PATTERN", "GPT4_PATTERN", "Tokenizer", "TokenizerError", "train_bpe",
+]

@@ -1,0 +1,681 @@
+"""Byte-level BPE: training, encoding and decoding, saving, and export to tiktoken.
+
+Conventions (chapter 01 explains each):
+
+* The vocabulary starts with the 256 single bytes. Training adds one token per merge, and the
+  special tokens come last. ``vocab_size`` counts all three.
+* Text is first cut at special-token strings, so no merge ever spans one, then split into
+  pre-tokens by a regex (`GPT2_PATTERN`, `GPT4_PATTERN`, or your own). Merges never cross a
+  pre-token boundary.
+* Each training step merges the most frequent adjacent pair; ties go to the lexicographically
+  greater pair, comparing (left bytes, right bytes). The merges are therefore a pure function of
+  the pre-token counts, whatever the number of processes that counted them.
+* Encoding follows tiktoken's rule: inside a pre-token, repeatedly merge the adjacent pair whose
+  concatenation is the token with the lowest id. With this rule a tokenizer and its
+  `to_tiktoken()` export give identical ids, and `encode` uses tiktoken as its fast path.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import regex
+
+__all__ = [
+    "GPT2_PATTERN",
+    "GPT4_PATTERN",
+    "PATTERNS",
+    "TokenizerError",
+    "Tokenizer",
+    "train_bpe",
+    "train_bpe_naive",
+    "pretoken_counts",
+    "bytes_to_unicode",
+]
+
+# The pre-tokenization patterns, as tiktoken spells them (r50k_base for GPT-2, cl100k_base for GPT-4).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT4_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+
+FORMAT_HEADER = "#minillm-bpe v1"
+_PARALLEL_MIN_CHARS = 2_000_000  # below this, starting worker processes costs more than it saves
+
+
+class TokenizerError(ValueError):
+    """Bad tokenizer input: a config, a file, an id or a text; the message says how to fix it."""
+
+
+def _compile(pattern: str) -> regex.Pattern:
+    try:
+        return regex.compile(pattern)
+    except regex.error as e:
+        raise TokenizerError(f"pre-tokenization pattern does not compile: {e} (pattern: {pattern!r})") from None
+
+
+def _special_splitter(specials: Iterable[str]) -> regex.Pattern | None:
+    # Longest first, so that a special token that is a prefix of another never wins.
+    specials = sorted(specials, key=len, reverse=True)
+    return regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")") if specials else None
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-tokenization and counting
+
+
+def _count_chunk(args: tuple[list[str], str, list[str]]) -> Counter[bytes]:
+    texts, pattern, specials = args
+    pat, splitter = regex.compile(pattern), _special_splitter(specials)
+    counts: Counter[bytes] = Counter()
+    for text in texts:
+        parts = splitter.split(text)[::2] if splitter else [text]  # even slots are the text between specials
+        for part in parts:
+            counts.update(m.encode("utf-8") for m in pat.findall(part))
+    return counts
+
+
+def pretoken_counts(
+    texts: Iterable[str], pattern: str = GPT4_PATTERN, special_tokens: Sequence[str] = (), num_proc: int | None = None
+) -> Counter[bytes]:
+    """How often each pre-token (as UTF-8 bytes) occurs in `texts`, with special tokens removed.
+
+    Large inputs are counted by `num_proc` worker processes (default: all cores), each taking a
+    contiguous run of whole documents; the sum of counts does not depend on how they were cut.
+    """
+    _compile(pattern)
+    texts = list(texts)
+    total = sum(len(t) for t in texts)
+    procs = num_proc if num_proc is not None else (os.cpu_count() or 1)
+    if procs <= 1 or total < _PARALLEL_MIN_CHARS:
+        return _count_chunk((texts, pattern, list(special_tokens)))
+    # Cut long single texts at special tokens first, so that the work can be shared.
+    splitter = _special_splitter(special_tokens)
+    docs = [p for t in texts for p in (splitter.split(t)[::2] if splitter else [t])]
+    chunks: list[list[str]] = [[] for _ in range(procs * 4)]
+    target, i, size = total / len(chunks), 0, 0
+    for d in docs:
+        chunks[i].append(d)
+        size += len(d)
+        if size >= target and i < len(chunks) - 1:
+            i, size = i + 1, 0
+    counts: Counter[bytes] = Counter()
+    with ProcessPoolExecutor(procs) as pool:
+        for c in pool.map(_count_chunk, [(ch, pattern, []) for ch in chunks if ch]):
+            counts.update(c)
+    return counts
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def _check_training_args(vocab_size: int, special_tokens: Sequence[str]) -> int:
+    if len(set(special_tokens)) != len(special_tokens):
+        dup = sorted(s for s, n in Counter(special_tokens).items() if n > 1)
+        raise TokenizerError(f"duplicate special token(s) {dup}: list each special token once")
+    if any(not s for s in special_tokens):
+        raise TokenizerError("a special token must be a non-empty string")
+    need = 256 + len(special_tokens)
+    if vocab_size < need:
+        raise TokenizerError(
+            f"vocab_size={vocab_size} is too small: the 256 byte tokens and {len(special_tokens)} special "
+            f"token(s) need at least {need}; the merges come on top of that"
+        )
+    return vocab_size - need
+
+
+def _texts_of(source: str | os.PathLike[str] | Iterable[str]) -> list[str]:
+    """Training text from a string (the text itself), a path (anything `load_corpus` reads), a
+    `Corpus`, or an iterable of documents (strings or `Document`s)."""
+    from minillm.corpus import Corpus, Document, load_corpus
+
+    if isinstance(source, os.PathLike):
+        source = load_corpus(source)
+    if isinstance(source, Corpus):
+        return [d.text for d in source.documents]
+    if isinstance(source, str):
+        return [source]
+    texts = [t.text if isinstance(t, Document) else t for t in source]
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TokenizerError(f"document {i} is {type(t).__name__}, expected a string")
+    return texts
+
+
+def _merge_word(word: list[int], a: int, b: int, new: int) -> list[int]:
+    out, i, n = [], 0, len(word)
+    while i < n:
+        if i < n - 1 and word[i] == a and word[i + 1] == b:
+            out.append(new)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def _merge_in_place(
+    w: list[int], a: int, b: int, new: int, f: int, wi: int,
+    pair_count: dict[tuple[int, int], int], where: dict[tuple[int, int], set[int]], changed: set[tuple[int, int]],
+) -> list[int] | None:
+    """Merge (a, b) in word `w` (which occurs `f` times), updating only the pairs next to each merge.
+
+    At a merge site w[i:i+2] == [a, b], the pair on the left, (w[i-1], a), becomes (out[-1], new)
+    and the pair on the right, (b, w[i+2]), becomes (new, w[i+2]); when the next site follows at once,
+    its own left step handles the pair between the two. The pair (a, b) itself is dropped by the caller.
+    Returns None if `w` no longer holds the pair (the index of words is never pruned).
+    """
+    out: list[int] = []
+    i, n, hit = 0, len(w), False
+    while i < n:
+        if i < n - 1 and w[i] == a and w[i + 1] == b:
+            hit = True
+            if i > 0:
+                old = (w[i - 1], a)
+                if old != (a, b):
+                    pair_count[old] -= f
+                    changed.add(old)
+                p = (out[-1], new)
+                pair_count[p] += f
+                changed.add(p)
+                where[p].add(wi)
+            if i + 2 < n and not (i + 3 < n and w[i + 2] == a and w[i + 3] == b):
+                old = (b, w[i + 2])
+                if old != (a, b):
+                    pair_count[old] -= f
+                    changed.add(old)
+                p = (new, w[i + 2])
+                pair_count[p] += f
+                changed.add(p)
+                where[p].add(wi)
+            out.append(new)
+            i += 2
+        else:
+            out.append(w[i])
+            i += 1
+    return out if hit else None
+
+
+def _descending(token: bytes) -> tuple[int, ...]:
+    # A key under which the min-heap pops lexicographically *greater* bytes first: each byte is
+    # inverted, and an end marker above every inverted byte makes a prefix sort after its extensions.
+    return tuple(255 - x for x in token) + (256,)
+
+
+def _finish(merges: list[tuple[bytes, bytes]], special_tokens: Sequence[str], pattern: str) -> Tokenizer:
+    vocab = {i: bytes([i]) for i in range(256)}
+    for i, (left, right) in enumerate(merges):
+        vocab[256 + i] = left + right
+    specials = {s: 256 + len(merges) + i for i, s in enumerate(special_tokens)}
+    return Tokenizer(vocab, merges, specials, pattern)
+
+
+def train_bpe(
+    source: str | os.PathLike[str] | Iterable[str],
+    vocab_size: int,
+    special_tokens: Sequence[str] = ("<|endoftext|>",),
+    pattern: str = GPT4_PATTERN,
+    *,
+    num_proc: int | None = None,
+    progress: bool = False,
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer with `vocab_size` tokens (bytes + merges + specials).
+
+    The fast trainer: pre-token counts are deduplicated once; an index maps each pair to the
+    words that contain it, so a merge only touches those words; and a heap of (count, pair)
+    entries, refreshed lazily, yields the next merge. If the text runs out of pairs first, the
+    vocabulary comes out smaller than asked.
+    """
+    n_merges = _check_training_args(vocab_size, special_tokens)
+    texts = _texts_of(source)
+    counts = pretoken_counts(texts, pattern, special_tokens, num_proc)
+    if not counts:
+        raise TokenizerError("the training corpus is empty: no text to learn merges from")
+
+    keys = sorted(counts)  # a fixed order, so that nothing depends on hashing or process order
+    words = [list(k) for k in keys]
+    freqs = [counts[k] for k in keys]
+    token_bytes: list[bytes] = [bytes([i]) for i in range(256)]
+    order: list[tuple[int, ...]] = [_descending(t) for t in token_bytes]
+
+    pair_count: dict[tuple[int, int], int] = defaultdict(int)
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)
+    for wi, (w, f) in enumerate(zip(words, freqs)):
+        for p in zip(w, w[1:]):
+            pair_count[p] += f
+            where[p].add(wi)
+    heap = [(-c, order[a], order[b], a, b) for (a, b), c in pair_count.items()]
+    heapq.heapify(heap)
+
+    merges: list[tuple[bytes, bytes]] = []
+    bar = _progress_bar(n_merges, progress)
+    while len(merges) < n_merges and heap:
+        neg, _, _, a, b = heapq.heappop(heap)
+        if pair_count.get((a, b), 0) != -neg:
+            continue  # a stale entry: this pair's count changed after it was pushed
+        new = len(token_bytes)
+        token_bytes.append(token_bytes[a] + token_bytes[b])
+        order.append(_descending(token_bytes[new]))
+        merges.append((token_bytes[a], token_bytes[b]))
+        changed: set[tuple[int, int]] = set()
+        for wi in where.pop((a, b)):
+            w, f = words[wi], freqs[wi]
+            merged = _merge_in_place(w, a, b, new, f, wi, pair_count, where, changed)
+            if merged is not None:
+                words[wi] = merged
+        del pair_count[(a, b)]  # every occurrence is merged now
+        changed.discard((a, b))
+        for p in changed:
+            c = pair_count[p]
+            if c > 0:
+                heapq.heappush(heap, (-c, order[p[0]], order[p[1]], p[0], p[1]))
+            else:
+                del pair_count[p]
+        bar.update(1)
+    bar.close()
+    return _finish(merges, special_tokens, pattern)
+
+
+def train_bpe_naive(
+    source: str | Iterable[str], vocab_size: int, special_tokens: Sequence[str] = ("<|endoftext|>",), pattern: str = GPT4_PATTERN
+) -> Tokenizer:
+    """The specification of `train_bpe`, written the obvious way: recount every pair at every step.
+
+    Quadratic and slow; it exists to be read, and to check the fast trainer against.
+    """
+    n_merges = _check_training_args(vocab_size, special_tokens)
+    counts = pretoken_counts(_texts_of(source), pattern, special_tokens, num_proc=1)
+    if not counts:
+        raise TokenizerError("the training corpus is empty: no text to learn merges from")
+    words = {tuple(k): c for k, c in counts.items()}
+    token_bytes = [bytes([i]) for i in range(256)]
+    merges: list[tuple[bytes, bytes]] = []
+    for _ in range(n_merges):
+        pairs: Counter[tuple[int, int]] = Counter()
+        for w, c in words.items():
+            for p in zip(w, w[1:]):
+                pairs[p] += c
+        if not pairs:
+            break
+        a, b = max(pairs, key=lambda p: (pairs[p], token_bytes[p[0]], token_bytes[p[1]]))
+        new = len(token_bytes)
+        token_bytes.append(token_bytes[a] + token_bytes[b])
+        merges.append((token_bytes[a], token_bytes[b]))
+        words = {tuple(_merge_word(list(w), a, b, new)): c for w, c in words.items()}
+    return _finish(merges, special_tokens, pattern)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="merges", unit="merge", disable=not enabled)
+
+
+# --------------------------------------------------------------------------------------------
+# The tokenizer
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character, used in its files (and ours).
+
+    Printable Latin-1 bytes map to themselves; the rest (space, control bytes...) to the
+    characters from U+0100 up, so that space becomes 'Ġ' and newline 'Ċ'.
+    """
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def _to_text(token: bytes) -> str:
+    table = bytes_to_unicode()
+    return "".join(table[b] for b in token)
+
+
+def _from_text(text: str, where: str) -> bytes:
+    table = {c: b for b, c in bytes_to_unicode().items()}
+    try:
+        return bytes(table[c] for c in text)
+    except KeyError as e:
+        raise TokenizerError(f"{where}: character {e.args[0]!r} is not in GPT-2's byte alphabet") from None
+
+
+SpecialPolicy = Literal["all"] | set[str] | frozenset[str] | tuple[str, ...]
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer: `vocab` (id -> bytes), `merges`, special tokens and a pattern."""
+
+    def __init__(
+        self,
+        vocab: dict[int, bytes],
+        merges: list[tuple[bytes, bytes]],
+        special_tokens: dict[str, int] | None = None,
+        pattern: str = GPT4_PATTERN,
+    ) -> None:
+        self.vocab = dict(vocab)
+        self.merges = list(merges)
+        self.special_tokens = dict(special_tokens or {})
+        self.pattern = pattern
+        self._pat = _compile(pattern)
+        self.ranks = {t: i for i, t in self.vocab.items()}
+        if len(self.ranks) != len(self.vocab):
+            dup = Counter(self.vocab.values()).most_common(1)[0][0]
+            raise TokenizerError(f"the vocabulary holds the token {dup!r} twice; each byte string needs one id")
+        missing = [b for b in range(256) if bytes([b]) not in self.ranks]
+        if missing:
+            raise TokenizerError(f"the vocabulary lacks {len(missing)} single bytes (e.g. {bytes([missing[0]])!r}); a byte-level BPE needs all 256")
+        for i, (left, right) in enumerate(self.merges):
+            if left + right not in self.ranks:
+                raise TokenizerError(f"merge {i} ({left!r}, {right!r}) makes a token that is not in the vocabulary")
+        clash = set(self.special_tokens.values()) & set(self.vocab)
+        if clash:
+            raise TokenizerError(f"special token id(s) {sorted(clash)} are also ordinary token ids")
+        if len(set(self.special_tokens.values())) != len(self.special_tokens):
+            raise TokenizerError("two special tokens share an id")
+        self.id_to_special = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
+        self._splitter = _special_splitter(self.special_tokens)
+        self._tiktoken = None  # built on first use by encode's fast path
+        self._tiktoken_failed = False
+
+    # -- sizes and lookups --------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids: ordinary tokens plus special tokens."""
+        return len(self.vocab) + len(self.special_tokens)
+
+    @property
+    def eot_id(self) -> int:
+        """The id of '<|endoftext|>'."""
+        if "<|endoftext|>" not in self.special_tokens:
+            raise TokenizerError("this tokenizer has no '<|endoftext|>' special token")
+        return self.special_tokens["<|endoftext|>"]
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, special_tokens={list(self.special_tokens)})"
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def _allowed(self, text: str, allowed_special: SpecialPolicy) -> set[str]:
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        unknown = allowed - set(self.special_tokens)
+        if unknown:
+            raise TokenizerError(f"allowed_special names unknown special token(s) {sorted(unknown)}; known: {sorted(self.special_tokens)}")
+        if self._splitter is not None:
+            for m in self._splitter.finditer(text):
+                if m.group(0) not in allowed:
+                    raise TokenizerError(
+                        f"the text contains the special token {m.group(0)!r} at character {m.start()}; pass "
+                        f"allowed_special={{{m.group(0)!r}}} (or 'all') to encode it as one special token, or "
+                        "encode_ordinary(text) to encode it as plain text"
+                    )
+        return allowed
+
+    def _bpe(self, piece: bytes) -> list[int]:
+        """tiktoken's rule: merge the adjacent pair that makes the lowest-id token, until none does."""
+        ranks = self.ranks
+        parts = [piece[i : i + 1] for i in range(len(piece))]
+        while len(parts) > 1:
+            best, at = None, -1
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and (best is None or r < best):
+                    best, at = r, i
+            if best is None:
+                break
+            parts[at : at + 2] = [parts[at] + parts[at + 1]]
+        return [ranks[p] for p in parts]
+
+    def _encode_ordinary_python(self, text: str) -> list[int]:
+        out: list[int] = []
+        cache: dict[str, list[int]] = {}
+        for m in self._pat.findall(text):
+            ids = cache.get(m)
+            if ids is None:
+                ids = cache[m] = self._bpe(m.encode("utf-8"))
+            out.extend(ids)
+        return out
+
+    def encode_python(self, text: str, allowed_special: SpecialPolicy = ()) -> list[int]:
+        """The pure-Python encoder: the reference that the tiktoken fast path must equal."""
+        allowed = self._allowed(text, allowed_special)
+        if not allowed or self._splitter is None:
+            return self._encode_ordinary_python(text)
+        out: list[int] = []
+        for i, part in enumerate(self._splitter.split(text)):
+            if i % 2 == 1:
+                out.append(self.special_tokens[part]) if part in allowed else out.extend(self._encode_ordinary_python(part))
+            elif part:
+                out.extend(self._encode_ordinary_python(part))
+        return out
+
+    def _fast(self):
+        if self._tiktoken is None and not self._tiktoken_failed:
+            try:
+                self._tiktoken = self.to_tiktoken()
+            except Exception:  # a pattern tiktoken's regex engine rejects: keep the Python path
+                self._tiktoken_failed = True
+        return self._tiktoken
+
+    def encode(self, text: str, allowed_special: SpecialPolicy = ()) -> list[int]:
+        """Token ids of `text`. Special-token strings raise unless listed in `allowed_special`."""
+        allowed = self._allowed(text, allowed_special)
+        enc = self._fast()
+        if enc is None:
+            return self.encode_python(text, allowed)
+        return enc.encode(text, allowed_special=allowed, disallowed_special=())
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Token ids of `text`, reading special-token strings as plain text."""
+        enc = self._fast()
+        return enc.encode_ordinary(text) if enc is not None else self._encode_ordinary_python(text)
+
+    def encode_batch(self, texts: Sequence[str], allowed_special: SpecialPolicy = (), num_threads: int = 8) -> list[list[int]]:
+        """`encode` over many texts; tiktoken spreads them over threads."""
+        allowed = set()
+        for t in texts:
+            allowed |= self._allowed(t, allowed_special)
+        enc = self._fast()
+        if enc is None:
+            return [self.encode_python(t, allowed) for t in texts]
+        return enc.encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed, disallowed_special=())
+
+    def encode_iterable(self, chunks: Iterable[str], allowed_special: SpecialPolicy = (), block_chars: int = 1 << 16) -> Iterator[int]:
+        """Stream the ids of a text given in pieces (a file's lines, say), in constant memory.
+
+        The text is encoded a block at a time, each block cut right after a newline that is followed
+        by a non-space character: with both built-in patterns no pre-token spans such a place, so
+        the ids equal those of `encode` on the whole text. (A custom pattern must keep that property.)
+        Memory is bounded by the longest stretch without such a place (a long indented class body,
+        say), never by the length of the stream.
+        """
+        pieces: list[str] = []
+        size = 0
+        for chunk in chunks:
+            pieces.append(chunk)
+            size += len(chunk)
+            if size < block_chars:
+                continue
+            buf = "".join(pieces)
+            cut = _stream_cut(buf)
+            if cut > 0:
+                yield from self.encode(buf[:cut], allowed_special)
+                buf = buf[cut:]
+            pieces, size = [buf], len(buf)
+            block_chars = max(block_chars, 2 * size)  # a long line without a cut: wait for more text
+        if pieces:
+            yield from self.encode("".join(pieces), allowed_special)
+
+    # -- decoding -----------------------------------------------------------------------------
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes that `ids` stand for."""
+        vocab, special = self.vocab, self.id_to_special
+        out = []
+        for i in ids:
+            b = vocab.get(i)
+            if b is None:
+                b = special.get(i)
+                if b is None:
+                    raise TokenizerError(f"id {i} is not in the vocabulary (ids run from 0 to {self.vocab_size - 1})")
+            out.append(b)
+        return b"".join(out)
+
+    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
+        """The text of `ids`. Bytes that are not valid UTF-8 become U+FFFD, or raise with errors='strict'."""
+        data = self.decode_bytes(ids)
+        try:
+            return data.decode("utf-8", errors=errors)
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"the ids decode to bytes that are not valid UTF-8 ({e.reason} at byte {e.start}); use errors='replace'") from None
+
+    # -- tiktoken -----------------------------------------------------------------------------
+
+    def to_tiktoken(self, name: str = "minillm"):
+        """A `tiktoken.Encoding` that gives the same ids (ranks are our ids)."""
+        import tiktoken
+
+        return tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=self.ranks, special_tokens=self.special_tokens)
+
+    # -- files --------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the documented text format (see `load`); written to a temporary file, then renamed."""
+        lines = [FORMAT_HEADER, "#pattern " + json.dumps(self.pattern)]
+        byte_ids = [self.ranks[bytes([b])] for b in range(256)]
+        if byte_ids != list(range(256)):
+            lines.append("#bytes " + " ".join(map(str, byte_ids)))
+        for s, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1]):
+            lines.append(f"#special {i} {json.dumps(s)}")
+        lines.append(f"#merges {len(self.merges)}")
+        lines += [f"{_to_text(a)} {_to_text(b)}" for a, b in self.merges]
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Read a file written by `save`.
+
+        The format is UTF-8 text. Line 1 is ``#minillm-bpe v1``; then ``#pattern <JSON string>``;
+        optionally ``#bytes <256 ids>`` (the ids of bytes 0..255, when they are not 0..255); one
+        ``#special <id> <JSON string>`` line per special token; ``#merges <count>``; and one merge
+        per line, ``left right``, each token written with GPT-2's printable byte alphabet (a space
+        is 'Ġ', a newline 'Ċ'). Merge i makes the token with id 256 + i.
+        """
+        path = Path(path)
+        try:
+            lines = path.read_text(encoding="utf-8").split("\n")
+        except FileNotFoundError:
+            raise TokenizerError(f"{path}: no such tokenizer file") from None
+        except UnicodeDecodeError:
+            raise TokenizerError(f"{path}: not a text file (expected UTF-8); is it a tokenizer saved by minillm?") from None
+
+        def bad(n: int, what: str) -> TokenizerError:
+            return TokenizerError(f"{path}:{n}: {what}")
+
+        if not lines or lines[0].strip() != FORMAT_HEADER:
+            raise bad(1, f"expected the header {FORMAT_HEADER!r}, found {lines[0][:40]!r}")
+        pattern, byte_ids, specials, n_merges, merges = None, list(range(256)), {}, None, []
+        for n, line in enumerate(lines[1:], start=2):
+            if n_merges is not None:
+                if not line:
+                    continue
+                parts = line.split(" ")
+                if len(parts) != 2 or not all(parts):
+                    raise bad(n, f"expected a merge 'left right', found {line[:60]!r}")
+                merges.append((_from_text(parts[0], f"{path}:{n}"), _from_text(parts[1], f"{path}:{n}")))
+                continue
+            key, _, rest = line.partition(" ")
+            try:
+                if key == "#pattern":
+                    pattern = json.loads(rest)
+                elif key == "#bytes":
+                    byte_ids = [int(x) for x in rest.split()]
+                    if sorted(byte_ids) != sorted(set(byte_ids)) or len(byte_ids) != 256:
+                        raise ValueError("need 256 distinct ids")
+                elif key == "#special":
+                    i, _, s = rest.partition(" ")
+                    specials[json.loads(s)] = int(i)
+                elif key == "#merges":
+                    n_merges = int(rest)
+                else:
+                    raise ValueError(f"unknown line {line[:40]!r}")
+            except (ValueError, json.JSONDecodeError) as e:
+                raise bad(n, f"malformed {key or 'empty'} line ({e})") from None
+        if pattern is None or n_merges is None:
+            raise bad(len(lines), "the file ended before its '#pattern' and '#merges' lines")
+        if len(merges) != n_merges:
+            raise bad(len(lines), f"'#merges {n_merges}' announced, {len(merges)} found: the file is truncated")
+        vocab = {i: bytes([b]) for b, i in enumerate(byte_ids)}
+        for i, (a, b) in enumerate(merges):
+            vocab[256 + i] = a + b
+        return cls(vocab, merges, specials, pattern)
+
+    @classmethod
+    def from_gpt2_files(
+        cls, encoder_json: str | os.PathLike[str], vocab_bpe: str | os.PathLike[str], pattern: str = GPT2_PATTERN
+    ) -> Tokenizer:
+        """Load GPT-2's format: ``encoder.json`` (token text -> id) and ``vocab.bpe`` (merges).
+
+        Entries of encoder.json whose text is not a merge product or a single byte, like
+        ``<|endoftext|>``, become special tokens.
+        """
+        try:
+            encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise TokenizerError(f"{encoder_json}: not a readable encoder.json ({e})") from None
+        if not isinstance(encoder, dict):
+            raise TokenizerError(f"{encoder_json}: expected a JSON object mapping token text to id")
+        lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")
+        merges = []
+        for n, line in enumerate(lines, start=1):
+            if not line or (n == 1 and line.startswith("#version")):
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2:
+                raise TokenizerError(f"{vocab_bpe}:{n}: expected a merge 'left right', found {line[:60]!r}")
+            merges.append((_from_text(parts[0], f"{vocab_bpe}:{n}"), _from_text(parts[1], f"{vocab_bpe}:{n}")))
+        products = {a + b for a, b in merges}
+        vocab, specials = {}, {}
+        for text, i in encoder.items():
+            token = _from_text(text, str(encoder_json)) if all(c in _alphabet() for c in text) else None
+            if token is not None and (len(token) == 1 or token in products):
+                vocab[i] = token
+            else:
+                specials[text] = i
+        return cls(vocab, merges, specials, pattern)
+
+
+@lru_cache(maxsize=1)
+def _alphabet() -> frozenset[str]:
+    return frozenset(bytes_to_unicode().values())
+
+
+def _stream_cut(buf: str) -> int:
+    """The last position in `buf` just after a newline that a non-space character follows, or 0."""
+    i = len(buf) - 1
+    while True:
+        i = buf.rfind("\n", 0, i)
+        if i < 0:
+            return 0
+        if i + 1 < len(buf) and not buf[i + 1].isspace():
+            return i + 1

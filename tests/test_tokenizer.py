@@ -1,0 +1,329 @@
+"""minillm.tokenizer: a hand-worked example, naive == fast, round trips, tiktoken parity, files, errors."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minillm.corpus import EOT, stdlib_corpus
+from minillm.tokenizer import (
+    GPT2_PATTERN,
+    GPT4_PATTERN,
+    Tokenizer,
+    TokenizerError,
+    bytes_to_unicode,
+    pretoken_counts,
+    train_bpe,
+    train_bpe_naive,
+)
+
+
+@pytest.fixture(scope="module")
+def stdlib_tok():
+    corpus = stdlib_corpus()
+    return corpus, train_bpe(corpus, 2048)
+
+
+# -- a worked example you can check by hand ---------------------------------------------------------
+
+def test_hand_worked_example():
+    # Pre-tokens (GPT-2 pattern): "low" x1, " low" x2, " lower" x1, " newest" x1 ... counted below.
+    text = "low low low lower newest newest"
+    counts = pretoken_counts([text], GPT2_PATTERN)
+    assert counts == {b"low": 1, b" low": 2, b" lower": 1, b" newest": 2}
+    # Pair counts: (l,o): 1+2+1 = 4, (o,w): 4, (" ",l): 3, (" ",n): 2, (n,e),(e,w),(w,e),(e,s),(s,t): 2 ...
+    # (l,o) and (o,w) tie at 4; the greater pair by bytes is (o, w), so it is merged first.
+    tok = train_bpe(text, 256 + 3, special_tokens=(), pattern=GPT2_PATTERN)
+    assert tok.merges == [(b"o", b"w"), (b"l", b"ow"), (b" ", b"low")]
+    assert tok.vocab[256] == b"ow" and tok.vocab[257] == b"low" and tok.vocab[258] == b" low"
+    assert tok.encode(" lower") == [258, ord("e"), ord("r")]
+
+
+def test_ties_go_to_the_greater_pair():
+    # Every pair occurs once; the greatest by (left, right) bytes is (c, d).
+    tok = train_bpe("abcd", 257, special_tokens=())
+    assert tok.merges == [(b"c", b"d")]
+
+
+# -- the two trainers ---------------------------------------------------------------------------------
+
+corpus_text = st.lists(
+    st.text(alphabet=st.sampled_from(list("ab cé\n日本😀'1")), max_size=40)
+    | st.just(EOT) | st.just("<|pad|>"),
+    min_size=1, max_size=12,
+).map("".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=corpus_text, extra=st.integers(0, 40), pattern=st.sampled_from([GPT2_PATTERN, GPT4_PATTERN]))
+def test_naive_and_fast_trainers_agree(text, extra, pattern):
+    specials = (EOT, "<|pad|>")
+    try:
+        naive = train_bpe_naive(text, 256 + len(specials) + extra, specials, pattern)
+    except TokenizerError:  # text made of special tokens only: both must refuse
+        with pytest.raises(TokenizerError, match="empty"):
+            train_bpe(text, 256 + len(specials) + extra, specials, pattern)
+        return
+    fast = train_bpe(text, 256 + len(specials) + extra, specials, pattern)
+    assert fast.merges == naive.merges
+    assert fast.vocab == naive.vocab and fast.special_tokens == naive.special_tokens
+    # No merge spans a special token.
+    assert not any(s.encode() in t for t in fast.vocab.values() for s in specials if len(t) >= len(s))
+
+
+def test_trainers_agree_on_real_text():
+    text = stdlib_corpus().text()[:150_000]
+    assert train_bpe(text, 600).merges == train_bpe_naive(text, 600).merges
+
+
+def test_parallel_counting_gives_the_same_merges(stdlib_tok):
+    corpus, tok = stdlib_tok
+    docs = [d.text for d in corpus.documents]
+    assert pretoken_counts(docs, num_proc=2, special_tokens=[EOT]) == pretoken_counts(docs, num_proc=1, special_tokens=[EOT])
+    assert train_bpe(docs[:200], 1000, num_proc=1).merges == train_bpe(docs[:200], 1000, num_proc=2).merges
+
+
+def test_learns_python(stdlib_tok):
+    _, tok = stdlib_tok
+    tokens = set(tok.vocab.values())
+    assert {b"    ", b"self", b" self", b"def", b" return"} <= tokens
+    assert tok.vocab_size == 2048 and tok.special_tokens == {EOT: 2047}
+
+
+# -- encoding and decoding ----------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(s=st.text())
+def test_round_trip_any_unicode(stdlib_tok, s):
+    _, tok = stdlib_tok
+    assert tok.decode(tok.encode_ordinary(s)) == s
+    assert tok.encode_python(s.replace(EOT, "")) == tok.encode(s.replace(EOT, ""))
+
+
+@pytest.mark.parametrize("s", ["naïve café", "日本語のテキスト", "emoji 😀👩‍👩‍👧 done", "e\u0301 combining\u0308", "\x00\x7f\r\n\t", ""])
+def test_round_trip_examples(stdlib_tok, s):
+    _, tok = stdlib_tok
+    ids = tok.encode(s)
+    assert tok.decode(ids) == s and tok.encode_python(s) == ids
+
+
+def test_tiktoken_parity_on_the_whole_corpus(stdlib_tok):
+    corpus, tok = stdlib_tok
+    text = corpus.text()
+    enc = tok.to_tiktoken()
+    ids = enc.encode(text, allowed_special="all")
+    assert ids == tok.encode_python(text, allowed_special="all")
+    assert ids == tok.encode(text, allowed_special="all")
+    assert ids.count(tok.eot_id) == len(corpus) - 1
+
+
+def test_encode_batch(stdlib_tok):
+    _, tok = stdlib_tok
+    texts = ["def f(x):\n    return x", "", "日本"]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+def test_special_token_policy(stdlib_tok):
+    _, tok = stdlib_tok
+    text = f"a{EOT}b"
+    with pytest.raises(TokenizerError, match=r"contains the special token '<\|endoftext\|>' at character 1"):
+        tok.encode(text)
+    with pytest.raises(TokenizerError, match="contains the special token"):
+        tok.encode_python(text)
+    ids = tok.encode(text, allowed_special={EOT})
+    assert ids == tok.encode(text, allowed_special="all") == [ord("a"), tok.eot_id, ord("b")]
+    assert EOT.encode() != b"" and tok.eot_id not in tok.encode_ordinary(text)
+    assert tok.decode(tok.encode_ordinary(text)) == text
+    with pytest.raises(TokenizerError, match="unknown special token"):
+        tok.encode("x", allowed_special={"<|nope|>"})
+
+
+def test_special_tokens_are_never_split():
+    tok = train_bpe(["<|user|>hi<|endoftext|>"] * 5, 270, special_tokens=("<|endoftext|>", "<|user|>"))
+    ids = tok.encode("<|user|>hi<|endoftext|>", allowed_special="all")
+    assert ids[0] == tok.special_tokens["<|user|>"] and ids[-1] == tok.special_tokens["<|endoftext|>"]
+
+
+def test_invalid_utf8_decodes_with_replacement_or_raises(stdlib_tok):
+    _, tok = stdlib_tok
+    ids = tok.encode("é")  # two bytes; keep only the first
+    first = [i for i in range(256) if tok.vocab[i] == "é".encode()[:1]]
+    assert tok.decode(first) == "\ufffd"
+    with pytest.raises(TokenizerError, match="not valid UTF-8"):
+        tok.decode(first, errors="strict")
+    assert tok.decode(ids, errors="strict") == "é"
+
+
+def test_unknown_id(stdlib_tok):
+    _, tok = stdlib_tok
+    with pytest.raises(TokenizerError, match="id 99999 is not in the vocabulary"):
+        tok.decode([1, 99999])
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("ab \n\t.(日")), max_size=400), cuts=st.lists(st.integers(0, 400), max_size=12))
+def test_encode_iterable_equals_encode(stdlib_tok, text, cuts):
+    _, tok = stdlib_tok
+    bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    assert list(tok.encode_iterable(pieces, block_chars=8)) == tok.encode(text)
+
+
+def test_encode_iterable_memory_is_bounded(stdlib_tok):
+    corpus, tok = stdlib_tok
+    sample = max((d.text for d in corpus.documents), key=len)
+    lines = sample.splitlines(keepends=True)
+
+    def peak_for(copies: int) -> tuple[int, int]:
+        def stream():  # copies of the largest module, generated lazily, one line at a time
+            for _ in range(copies):
+                yield from lines
+                yield "\n"
+
+        tracemalloc.start()
+        count = sum(1 for _ in tok.encode_iterable(stream(), block_chars=1 << 14))
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return count, peak
+
+    tok.encode("warm up")  # builds the tiktoken fast path once, outside the measurement
+    count5, peak5 = peak_for(5)
+    count40, peak40 = peak_for(40)
+    assert count40 > 7 * count5
+    # Memory does not grow with the length of the stream, and stays far below the text's size
+    # (40 copies are over 9 MB of text and over 2 M ids).
+    assert peak40 < 1.25 * peak5 + 100_000, (peak5, peak40)
+    assert peak40 < 40 * len(sample) / 2
+
+
+# -- files ----------------------------------------------------------------------------------------------
+
+def test_save_load_round_trip(stdlib_tok, tmp_path):
+    _, tok = stdlib_tok
+    path = tmp_path / "tok.bpe"
+    tok.save(path)
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("#minillm-bpe v1\n#pattern ")
+    assert "\nĠ self\n" in text or "\nĠs elf\n" in text or "Ġ" in text  # GPT-2's printable alphabet
+    again = Tokenizer.load(path)
+    assert again.vocab == tok.vocab and again.merges == tok.merges
+    assert again.special_tokens == tok.special_tokens and again.pattern == tok.pattern
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda ls: ["#not-a-tokenizer"] + ls[1:], r":1: expected the header"),
+        (lambda ls: ls[:1] + ["#pattern [unclosed"] + ls[2:], r":2: malformed #pattern line"),
+        (lambda ls: ls[:5] + ["onlyonetoken"] + ls[6:], r":6: expected a merge 'left right'"),
+        (lambda ls: ls[:-3], r"announced, \d+ found: the file is truncated"),
+        (lambda ls: ls[:4] + ["x y z"] + ls[5:], r":5: expected a merge"),
+    ],
+)
+def test_malformed_file_names_the_line(tmp_path, mutate, match):
+    tok = train_bpe("hello world " * 20 + "abc def ghi jkl", 300)
+    path = tmp_path / "tok.bpe"
+    tok.save(path)
+    lines = path.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    path.write_text("\n".join(mutate(lines)) + "\n", encoding="utf-8")
+    with pytest.raises(TokenizerError, match=match):
+        Tokenizer.load(path)
+
+
+def test_load_missing_and_binary_files(tmp_path):
+    with pytest.raises(TokenizerError, match="no such tokenizer file"):
+        Tokenizer.load(tmp_path / "nope.bpe")
+    (tmp_path / "bin.bpe").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(TokenizerError, match="not a text file"):
+        Tokenizer.load(tmp_path / "bin.bpe")
+
+
+def _write_gpt2_files(tok: Tokenizer, folder):
+    """Write `tok` the way GPT-2 ships its tokenizer: encoder.json and vocab.bpe, bytes in GPT-2 order."""
+    table = bytes_to_unicode()
+    as_text = lambda b: "".join(table[x] for x in b)  # noqa: E731
+    # GPT-2 numbers the single bytes in the order of its printable table, not 0..255.
+    order = sorted(range(256), key=lambda b: (table[b] != chr(b), ord(table[b])))
+    encoder = {as_text(bytes([b])): i for i, b in enumerate(order)}
+    for i, (a, b) in enumerate(tok.merges):
+        encoder[as_text(a + b)] = 256 + i
+    encoder["<|endoftext|>"] = len(encoder)
+    (folder / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
+    merges = "\n".join(f"{as_text(a)} {as_text(b)}" for a, b in tok.merges)
+    (folder / "vocab.bpe").write_text("#version: 0.2\n" + merges + "\n", encoding="utf-8")
+    return encoder
+
+
+def test_gpt2_format(tmp_path):
+    base = train_bpe(stdlib_corpus().text()[:200_000], 700, pattern=GPT2_PATTERN)
+    encoder = _write_gpt2_files(base, tmp_path)
+    tok = Tokenizer.from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
+    assert tok.special_tokens == {"<|endoftext|>": encoder["<|endoftext|>"]}
+    assert tok.ranks[b"!"] == 0 and tok.ranks[b" "] != 32  # GPT-2's byte order survived
+    text = "def f(self):\n    return 'naïve' + str(42)\n"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and ids == tok.encode_python(text)
+    # Same segmentation as the tokenizer it was written from, through a different id mapping.
+    assert [tok.vocab[i] for i in ids] == [base.vocab[i] for i in base.encode(text)]
+    tok.save(tmp_path / "again.bpe")
+    assert Tokenizer.load(tmp_path / "again.bpe").encode(text) == ids
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\na b c\n", encoding="utf-8")
+    with pytest.raises(TokenizerError, match=r"vocab.bpe:2: expected a merge"):
+        Tokenizer.from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
+
+
+# -- bad input ----------------------------------------------------------------------------------------
+
+def test_bad_training_input():
+    with pytest.raises(TokenizerError, match=r"vocab_size=200 is too small: .* need at least 257"):
+        train_bpe("abc", 200)
+    with pytest.raises(TokenizerError, match="the training corpus is empty"):
+        train_bpe("", 300)
+    with pytest.raises(TokenizerError, match="the training corpus is empty"):
+        train_bpe([EOT, EOT], 300)
+    with pytest.raises(TokenizerError, match=r"duplicate special token\(s\) \['<\|a\|>'\]"):
+        train_bpe("abc", 300, special_tokens=("<|a|>", "<|a|>"))
+    with pytest.raises(TokenizerError, match="pattern does not compile"):
+        train_bpe("abc", 300, pattern=r"(unclosed")
+    with pytest.raises(TokenizerError, match="document 1 is int"):
+        train_bpe(["ok", 5], 300)  # type: ignore[list-item]
+
+
+def test_bad_tokenizer_construction():
+    vocab = {i: bytes([i]) for i in range(256)}
+    with pytest.raises(TokenizerError, match="lacks 1 single bytes"):
+        Tokenizer({i: bytes([i]) for i in range(255)}, [])
+    with pytest.raises(TokenizerError, match="merge 0 .* not in the vocabulary"):
+        Tokenizer(vocab, [(b"a", b"b")])
+    with pytest.raises(TokenizerError, match="holds the token b'a' twice"):
+        Tokenizer({**vocab, 256: b"a"}, [])
+    with pytest.raises(TokenizerError, match="also ordinary token ids"):
+        Tokenizer(vocab, [], {"<|x|>": 5})
+
+
+def test_cli_train_and_encode(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("def f(self):\n    return self.x\n" * 50, encoding="utf-8")
+    out = tmp_path / "tok.bpe"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "minillm", "tokenizer", *a], capture_output=True, text=True)  # noqa: E731
+    r = run("train", "--data", str(tmp_path / "data"), "--val-fraction", "0", "--vocab-size", "280", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    tok = Tokenizer.load(out)
+    assert tok.vocab_size <= 280 and b" self" in tok.vocab.values()
+    r = run("encode", "--tokenizer", str(out), "--text", "    return self.x")
+    assert [int(x) for x in r.stdout.split()] == tok.encode("    return self.x")
+    (tmp_path / "in.txt").write_text("return self\n" * 3, encoding="utf-8")
+    r = run("encode", "--tokenizer", str(out), "--file", str(tmp_path / "in.txt"), "--count")
+    assert int(r.stdout) == len(tok.encode("return self\n" * 3))
+    r = run("encode", "--tokenizer", str(out), "--text", f"x{EOT}")
+    assert r.returncode == 2 and "contains the special token" in r.stderr
+    r = run("train", "--data", str(tmp_path / "data"), "--vocab-size", "100", "--out", str(out))
+    assert r.returncode == 2 and "too small" in r.stderr
