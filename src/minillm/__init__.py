@@ -5,6 +5,7 @@ The public names of each chapter's module are re-exported here, in the order of 
 
 from minillm.corpus import EOT, Corpus, CorpusError, Document, load_corpus, stdlib_corpus
 from minillm.tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer, TokenizerError, train_bpe
+from minillm.attention import AttentionError, CausalSelfAttention, KVCache
 
 __version__ = "0.1.0"
 
@@ -13,4 +14,6 @@ __all__ = [
     "EOT", "Corpus", "CorpusError", "Document", "load_corpus", "stdlib_corpus",
     # chapter 01: the tokenizer
     "GPT2_PATTERN", "GPT4_PATTERN", "Tokenizer", "TokenizerError", "train_bpe",
+    # chapters 02 and 03: attention
+    "AttentionError", "CausalSelfAttention", "KVCache",
 ]
