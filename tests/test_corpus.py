@@ -55,8 +55,8 @@ def test_stdlib_filter_on_a_fake_tree(tmp_path):
     assert rels == ["json/__init__.py", "json/decoder.py", "os.py", "pydoc_data/__init__.py"]
     corpus = stdlib_corpus(root)
     names = [d.name for d in corpus.documents]
-    # pydoc_data/__init__.py is empty, so it still has a manifest row (size 0); topics come sorted.
-    assert names[-2:] == ["pydoc_data/topics.py:a", "pydoc_data/topics.py:b"]
+    # pydoc_data/__init__.py is empty, so it is not a document; the topics come sorted, last.
+    assert names == ["json/__init__.py", "json/decoder.py", "os.py", "pydoc_data/topics.py:a", "pydoc_data/topics.py:b"]
     assert corpus.documents[-2].text == "Aye topic.\n"
 
 
@@ -223,6 +223,7 @@ def test_cli_summary_and_error(tmp_path):
         capture_output=True, text=True, check=True,
     ).stdout
     assert "documents   1" in out and "bytes       5" in out
+    assert "note: the val split is empty" in out  # one document cannot be split
     assert (tmp_path / "m.tsv").read_text().count("\n") == 2
     err = subprocess.run(
         [sys.executable, "-m", "minillm", "corpus", "--data", str(tmp_path / "missing")],

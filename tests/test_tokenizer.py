@@ -21,6 +21,9 @@ from minillm.tokenizer import (
     train_bpe_naive,
 )
 
+# Tiny training texts run out of pairs on purpose; the warning is tested where it matters.
+pytestmark = pytest.mark.filterwarnings("ignore:the training text ran out of pairs")
+
 
 @pytest.fixture(scope="module")
 def stdlib_tok():
@@ -164,13 +167,28 @@ def test_unknown_id(stdlib_tok):
         tok.decode([1, 99999])
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.fixture(scope="module")
+def gpt2_tok(stdlib_tok):
+    corpus, _ = stdlib_tok
+    return train_bpe(corpus.text()[:300_000], 1024, pattern=GPT2_PATTERN)
+
+
+@settings(max_examples=80, deadline=None)
 @given(text=st.text(alphabet=st.sampled_from(list("ab \n\t.(日")), max_size=400), cuts=st.lists(st.integers(0, 400), max_size=12))
-def test_encode_iterable_equals_encode(stdlib_tok, text, cuts):
-    _, tok = stdlib_tok
+def test_encode_iterable_equals_encode(stdlib_tok, gpt2_tok, text, cuts):
     bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
     pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
-    assert list(tok.encode_iterable(pieces, block_chars=8)) == tok.encode(text)
+    for tok in (stdlib_tok[1], gpt2_tok):
+        assert list(tok.encode_iterable(pieces, block_chars=8)) == tok.encode(text)
+
+
+def test_encode_iterable_on_real_modules(stdlib_tok, gpt2_tok):
+    # Whole modules fed line by line in small blocks: the case where GPT-2's end-of-text rule bit.
+    corpus, _ = stdlib_tok
+    for doc in corpus.documents[:60]:
+        lines = doc.text.splitlines(keepends=True)
+        for tok in (stdlib_tok[1], gpt2_tok):
+            assert list(tok.encode_iterable(lines, block_chars=256)) == tok.encode_ordinary(doc.text), doc.name
 
 
 def test_encode_iterable_memory_is_bounded(stdlib_tok):
@@ -294,8 +312,70 @@ def test_bad_training_input():
         train_bpe(["ok", 5], 300)  # type: ignore[list-item]
 
 
+def test_ids_as_tensors_and_special_names(stdlib_tok):
+    import numpy as np
+    import torch
+
+    _, tok = stdlib_tok
+    ids = tok.encode("def f(): pass")
+    assert tok.decode(torch.tensor(ids)) == tok.decode(np.array(ids)) == "def f(): pass"
+    assert tok.encode(f"a{EOT}", allowed_special=EOT) == tok.encode(f"a{EOT}", allowed_special={EOT})
+
+
+def test_lone_surrogates_are_replaced_on_both_paths(stdlib_tok):
+    _, tok = stdlib_tok
+    text = "ab\udc80c"
+    assert tok.encode(text) == tok.encode_python(text) == tok.encode("ab\ufffdc")
+
+
+def test_custom_patterns_are_checked(stdlib_tok):
+    _, tok = stdlib_tok
+    with pytest.raises(TokenizerError, match="does not match every character"):
+        Tokenizer(tok.vocab, tok.merges, tok.special_tokens, pattern=r"\p{L}+|\s")
+    # A pattern tiktoken's engine reads differently ($ before a final newline) falls back, with a warning.
+    odd = Tokenizer(tok.vocab, tok.merges, tok.special_tokens, pattern=r"[a-z]+$|[a-z]|\s|[^a-z\s]")
+    with pytest.warns(UserWarning, match="pure-Python path"):
+        ids = odd.encode("ab\n")
+    assert ids == odd.encode_python("ab\n")
+
+
+def test_string_sources_that_look_like_paths(tmp_path):
+    with pytest.raises(TokenizerError, match="looks like a corpus name or a path"):
+        train_bpe("stdlib", 300)
+    (tmp_path / "a.txt").write_text("hello hello", encoding="utf-8")
+    with pytest.raises(TokenizerError, match="Pass Path"):
+        train_bpe(str(tmp_path / "a.txt"), 300)
+    with pytest.warns(UserWarning, match="ran out of pairs"):
+        small = train_bpe("abab", 300, special_tokens=())
+    assert small.vocab_size < 300
+
+
+def test_paths_and_corpora_train_on_the_training_split(tmp_path):
+    from minillm.corpus import load_corpus
+
+    for i in range(60):
+        (tmp_path / f"doc{i:02d}.txt").write_text(f"unique{i:02d}word " * 5, encoding="utf-8")
+    corpus = load_corpus(tmp_path)
+    assert corpus.split("val")  # some documents are held out
+    tok = train_bpe(corpus, 2000)
+    held_out = {d.text.split()[0].encode() for d in corpus.split("val")}
+    learned = set(tok.vocab.values())
+    assert not any(b" " + w in learned or w in learned for w in held_out)
+
+
+def test_save_refuses_ids_it_cannot_store(tmp_path):
+    vocab = {i: bytes([i]) for i in range(256)} | {256: b"ab", 257: b"xy", 258: b"abc"}
+    tok = Tokenizer(vocab, [(b"a", b"b"), (b"ab", b"c"), (b"x", b"y")])  # merge 1 makes id 258
+    with pytest.raises(TokenizerError, match="ids do not follow its merges"):
+        tok.save(tmp_path / "t.bpe")
+
+
 def test_bad_tokenizer_construction():
     vocab = {i: bytes([i]) for i in range(256)}
+    with pytest.raises(TokenizerError, match="non-empty string"):
+        Tokenizer(vocab, [], {"": 300})
+    with pytest.raises(TokenizerError, match="is a prefix of"):
+        Tokenizer(vocab, [], {"<|a|>": 300, "<|a|>x": 301})
     with pytest.raises(TokenizerError, match="lacks 1 single bytes"):
         Tokenizer({i: bytes([i]) for i in range(255)}, [])
     with pytest.raises(TokenizerError, match="merge 0 .* not in the vocabulary"):

@@ -26,6 +26,10 @@ def _cmd_corpus(args: argparse.Namespace) -> int:
     print(f"train       {s['train_documents']:,} documents, {s['train_bytes']:,} bytes")
     print(f"val         {s['val_documents']:,} documents, {s['val_bytes']:,} bytes")
     print(f"fingerprint {corpus.fingerprint()[:16]}")
+    for split in ("train", "val"):
+        if not s[f"{split}_documents"]:
+            print(f"note: the {split} split is empty; the split is by whole document, so give more than one "
+                  "document (split a single large file into several) or change --val-fraction")
     if args.manifest:
         corpus.write_manifest(args.manifest)
         print(f"manifest    {args.manifest}")
@@ -48,7 +52,7 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
     tok = Tokenizer.load(args.tokenizer)
     if args.file:
-        with open(args.file, encoding="utf-8") as f:
+        with open(args.file, encoding="utf-8", newline="") as f:  # keep \r\n as it is in the file
             ids = list(tok.encode_iterable(f, allowed_special="all" if args.allow_special else ()))
     else:
         ids = tok.encode(args.text if args.text is not None else sys.stdin.read(), allowed_special="all" if args.allow_special else ())

@@ -233,7 +233,12 @@ def iter_hf_dataset(
     for i, record in enumerate(ds, start=1):
         if text_field not in record:
             raise CorpusError(f"hf:{name} record {i}: no {text_field!r} field (found {sorted(record)})")
-        yield Document(f"{name}:{i}", record[text_field])
+        text = record[text_field]
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise CorpusError(f"hf:{name} record {i}: field {text_field!r} is {type(text).__name__}, expected a string")
+        yield Document(f"{name}:{i}", text)
 
 
 def _documents_from_file(path: Path, root: Path, text_field: str, errors: str) -> Iterator[Document]:
@@ -295,7 +300,7 @@ def stdlib_corpus(
     """The built-in corpus: every non-test standard-library module, then the pydoc help topics.
 
     Code documents are named by their path relative to `root` (``json/decoder.py``); topics by
-    ``pydoc_data/topics.py:<topic>``.
+    ``pydoc_data/topics.py:<topic>``. Empty files are left out, as by every loader.
     """
     root = Path(root) if root is not None else stdlib_root()
     files = stdlib_files(root)
@@ -305,6 +310,7 @@ def stdlib_corpus(
     ]
     if include_topics:
         docs += [Document(f"{_TOPICS_FILE}:{k}", v) for k, v in _pydoc_topics(root).items()]
+    docs = [d for d in docs if d.text]  # empty files (a few __init__.py) are not documents
     return Corpus(f"stdlib-{sys.version_info.major}.{sys.version_info.minor}", docs, val_fraction)
 
 
@@ -356,7 +362,9 @@ def load_corpus(
     - ``None`` or ``"stdlib"``: the built-in standard-library corpus;
     - a path to a file, a directory (read recursively, hidden files skipped), or a glob: text
       files are one document each, ``.jsonl`` gives one document per line and ``.parquet`` one
-      per row, both from `text_field`;
+      per row, both from `text_field`. In a directory, only files with a known suffix are read
+      (.txt .md .rst .py .text .csv .tsv .html .tex .jsonl .ndjson .parquet); name other files
+      with a glob;
     - ``"hf:NAME"``: a Hugging Face dataset through ``datasets.load_dataset`` (streamed);
     - an iterable of strings: one document each, named by index.
     """

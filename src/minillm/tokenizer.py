@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -49,6 +50,9 @@ GPT4_PATTERN = (
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 
 FORMAT_HEADER = "#minillm-bpe v1"
+# Text that exercises every class of a pre-tokenization pattern: contractions, letters, digits,
+# punctuation, underscores, non-ASCII, runs of spaces, newlines and a final newline.
+_PROBE = "Don't panic: x_1 = f(42, 'é') + 12345 \t\n\n    def g(self):\r\n        return None  # ok\n日本 😀 end\n"
 _PARALLEL_MIN_CHARS = 2_000_000  # below this, starting worker processes costs more than it saves
 
 
@@ -95,7 +99,7 @@ def pretoken_counts(
     _compile(pattern)
     texts = list(texts)
     total = sum(len(t) for t in texts)
-    procs = num_proc if num_proc is not None else (os.cpu_count() or 1)
+    procs = num_proc if num_proc is not None else _available_cores()
     if procs <= 1 or total < _PARALLEL_MIN_CHARS:
         return _count_chunk((texts, pattern, list(special_tokens)))
     # Cut long single texts at special tokens first, so that the work can be shared.
@@ -119,12 +123,26 @@ def pretoken_counts(
 # Training
 
 
-def _check_training_args(vocab_size: int, special_tokens: Sequence[str]) -> int:
+def _available_cores() -> int:
+    # The cores this process may run on (a container may allow fewer than the machine has).
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _check_special_tokens(special_tokens: Sequence[str]) -> None:
     if len(set(special_tokens)) != len(special_tokens):
         dup = sorted(s for s, n in Counter(special_tokens).items() if n > 1)
         raise TokenizerError(f"duplicate special token(s) {dup}: list each special token once")
-    if any(not s for s in special_tokens):
-        raise TokenizerError("a special token must be a non-empty string")
+    for s in special_tokens:
+        if not isinstance(s, str) or not s:
+            raise TokenizerError(f"a special token must be a non-empty string, got {s!r}")
+        for other in special_tokens:
+            if other != s and other.startswith(s):
+                # Longest-match (our splitter) and tiktoken's leftmost-first match would then disagree.
+                raise TokenizerError(f"special token {s!r} is a prefix of {other!r}; choose special tokens that are not prefixes of each other")
+
+
+def _check_training_args(vocab_size: int, special_tokens: Sequence[str]) -> int:
+    _check_special_tokens(special_tokens)
     need = 256 + len(special_tokens)
     if vocab_size < need:
         raise TokenizerError(
@@ -135,15 +153,21 @@ def _check_training_args(vocab_size: int, special_tokens: Sequence[str]) -> int:
 
 
 def _texts_of(source: str | os.PathLike[str] | Iterable[str]) -> list[str]:
-    """Training text from a string (the text itself), a path (anything `load_corpus` reads), a
-    `Corpus`, or an iterable of documents (strings or `Document`s)."""
+    """Training text from a string (the text itself), a path (anything `load_corpus` reads: its
+    training split), a `Corpus` (its training split), or an iterable of documents (strings or
+    `Document`s, all of them)."""
     from minillm.corpus import Corpus, Document, load_corpus
 
     if isinstance(source, os.PathLike):
         source = load_corpus(source)
     if isinstance(source, Corpus):
-        return [d.text for d in source.documents]
+        return [d.text for d in source.split("train")]
     if isinstance(source, str):
+        if source == "stdlib" or (0 < len(source) < 4096 and "\n" not in source and Path(source).exists()):
+            raise TokenizerError(
+                f"train_bpe got the string {source!r}, which looks like a corpus name or a path; a string is "
+                "trained on as text. Pass Path(...) or load_corpus(...) to train on files"
+            )
         return [source]
     texts = [t.text if isinstance(t, Document) else t for t in source]
     for i, t in enumerate(texts):
@@ -283,6 +307,7 @@ def train_bpe(
                 del pair_count[p]
         bar.update(1)
     bar.close()
+    _warn_if_short(len(merges), n_merges)
     return _finish(merges, special_tokens, pattern)
 
 
@@ -312,7 +337,14 @@ def train_bpe_naive(
         token_bytes.append(token_bytes[a] + token_bytes[b])
         merges.append((token_bytes[a], token_bytes[b]))
         words = {tuple(_merge_word(list(w), a, b, new)): c for w, c in words.items()}
+    _warn_if_short(len(merges), n_merges)
     return _finish(merges, special_tokens, pattern)
+
+
+def _warn_if_short(got: int, wanted: int) -> None:
+    if got < wanted:
+        warnings.warn(f"the training text ran out of pairs after {got} of {wanted} merges: the vocabulary is "
+                      f"{wanted - got} tokens smaller than asked", stacklevel=3)
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -374,6 +406,8 @@ class Tokenizer:
         self.special_tokens = dict(special_tokens or {})
         self.pattern = pattern
         self._pat = _compile(pattern)
+        if pattern not in PATTERNS.values():
+            self._check_pattern_covers(_PROBE)
         self.ranks = {t: i for i, t in self.vocab.items()}
         if len(self.ranks) != len(self.vocab):
             dup = Counter(self.vocab.values()).most_common(1)[0][0]
@@ -384,6 +418,7 @@ class Tokenizer:
         for i, (left, right) in enumerate(self.merges):
             if left + right not in self.ranks:
                 raise TokenizerError(f"merge {i} ({left!r}, {right!r}) makes a token that is not in the vocabulary")
+        _check_special_tokens(list(self.special_tokens))
         clash = set(self.special_tokens.values()) & set(self.vocab)
         if clash:
             raise TokenizerError(f"special token id(s) {sorted(clash)} are also ordinary token ids")
@@ -413,7 +448,17 @@ class Tokenizer:
 
     # -- encoding -----------------------------------------------------------------------------
 
+    def _check_pattern_covers(self, text: str) -> None:
+        pieces = self._pat.findall(text)
+        if sum(len(p) for p in pieces) != len(text):
+            raise TokenizerError(
+                f"the pre-tokenization pattern does not match every character (on {text!r} it keeps only "
+                f"{''.join(pieces)!r}); text it skips would be lost. Add a catch-all alternative such as '|\\s|.'"
+            )
+
     def _allowed(self, text: str, allowed_special: SpecialPolicy) -> set[str]:
+        if isinstance(allowed_special, str) and allowed_special != "all":
+            allowed_special = {allowed_special}  # one special token named on its own
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
         unknown = allowed - set(self.special_tokens)
         if unknown:
@@ -446,7 +491,7 @@ class Tokenizer:
     def _encode_ordinary_python(self, text: str) -> list[int]:
         out: list[int] = []
         cache: dict[str, list[int]] = {}
-        for m in self._pat.findall(text):
+        for m in self._pat.findall(_without_surrogates(text)):
             ids = cache.get(m)
             if ids is None:
                 ids = cache[m] = self._bpe(m.encode("utf-8"))
@@ -469,8 +514,14 @@ class Tokenizer:
     def _fast(self):
         if self._tiktoken is None and not self._tiktoken_failed:
             try:
-                self._tiktoken = self.to_tiktoken()
-            except Exception:  # a pattern tiktoken's regex engine rejects: keep the Python path
+                enc = self.to_tiktoken()
+                # tiktoken's regex engine differs from `regex` in corners ($ before a final newline,
+                # say); a custom pattern must give the same ids on the probe text to be trusted.
+                if enc.encode_ordinary(_PROBE) != self._encode_ordinary_python(_PROBE):
+                    raise TokenizerError("tiktoken splits the probe text differently")
+                self._tiktoken = enc
+            except Exception as e:
+                warnings.warn(f"encoding with the pure-Python path: tiktoken cannot serve this pattern ({e})", stacklevel=3)
                 self._tiktoken_failed = True
         return self._tiktoken
 
@@ -504,9 +555,9 @@ class Tokenizer:
     def encode_iterable(self, chunks: Iterable[str], allowed_special: SpecialPolicy = (), block_chars: int = 1 << 16) -> Iterator[int]:
         """Stream the ids of a text given in pieces (a file's lines, say), in constant memory.
 
-        The text is encoded a block at a time, each block cut right after a newline that is followed
-        by a non-space character: with both built-in patterns no pre-token spans such a place, so
-        the ids equal those of `encode` on the whole text. (A custom pattern must keep that property.)
+        The text is encoded a block at a time, each block cut right after a lone newline, one with a
+        non-space character on each side: with both built-in patterns no pre-token spans such a
+        place, so the ids equal those of `encode` on the whole text. (A custom pattern must keep that property.)
         Memory is bounded by the longest stretch without such a place (a long indented class body,
         say), never by the length of the stream.
         """
@@ -530,7 +581,9 @@ class Tokenizer:
     # -- decoding -----------------------------------------------------------------------------
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """The bytes that `ids` stand for."""
+        """The bytes that `ids` stand for (a list, or a 1-D tensor or array of ids)."""
+        if hasattr(ids, "tolist"):  # torch tensors and numpy arrays: plain ints hash and compare as ids
+            ids = ids.tolist()
         vocab, special = self.vocab, self.id_to_special
         out = []
         for i in ids:
@@ -562,6 +615,12 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the documented text format (see `load`); written to a temporary file, then renamed."""
+        # The format stores merges, not ids: merge i must make token 256 + i, and nothing else may exist.
+        if len(self.vocab) != 256 + len(self.merges) or any(
+            self.vocab.get(256 + i) != a + b for i, (a, b) in enumerate(self.merges)
+        ):
+            raise TokenizerError("this tokenizer's ids do not follow its merges (merge i must make id 256 + i, and "
+                                 "every token above 255 must come from a merge), so the minillm format cannot store it")
         lines = [FORMAT_HEADER, "#pattern " + json.dumps(self.pattern)]
         byte_ids = [self.ranks[bytes([b])] for b in range(256)]
         if byte_ids != list(range(256)):
@@ -670,16 +729,30 @@ class Tokenizer:
 
 
 @lru_cache(maxsize=1)
+def _without_surrogates(text: str) -> str:
+    """Lone surrogates (not encodable as UTF-8) become U+FFFD, exactly as tiktoken treats them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _alphabet() -> frozenset[str]:
     return frozenset(bytes_to_unicode().values())
 
 
 def _stream_cut(buf: str) -> int:
-    """The last position in `buf` just after a newline that a non-space character follows, or 0."""
+    """The last position in `buf` just after a lone newline (a non-space character on each side), or 0.
+
+    No pre-token of either built-in pattern spans such a place, and the newline is a pre-token of its
+    own (or ends one) whether or not text follows: a whitespace run at the end of a block would
+    otherwise match GPT-2's end-of-text rule differently.
+    """
     i = len(buf) - 1
     while True:
         i = buf.rfind("\n", 0, i)
-        if i < 0:
+        if i <= 0:
             return 0
-        if i + 1 < len(buf) and not buf[i + 1].isspace():
+        if i + 1 < len(buf) and not buf[i + 1].isspace() and not buf[i - 1].isspace():
             return i + 1
