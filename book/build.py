@@ -110,7 +110,8 @@ def build(notebooks: list[tuple[int, Path]], out_dir: Path, stem: str, subtitle:
         cwd=out_dir, check=True,
     )
     pdf_path = out_dir / f"{stem}.pdf"
-    typst.compile(str(typ_path), output=str(pdf_path), root=str(out_dir))
+    # A fixed timestamp makes the PDF a pure function of the notebooks (no creation date inside).
+    typst.compile(str(typ_path), output=str(pdf_path), root=str(out_dir), timestamp=0)
     return pdf_path
 
 

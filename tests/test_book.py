@@ -72,6 +72,12 @@ def test_solutions_pdf(built):
 
 
 @pytest.mark.slow
+def test_build_is_deterministic(built, tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "book" / "build.py"), "--out", str(tmp_path)], check=True, cwd=ROOT)
+    assert (tmp_path / "book.pdf").read_bytes() == (built / "book.pdf").read_bytes()
+
+
+@pytest.mark.slow
 def test_single_chapter_build(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "book" / "build.py"), "--chapter", "0", "--out", str(tmp_path)], check=True, cwd=ROOT)
     reader = pypdf.PdfReader(tmp_path / "book-00.pdf")
