@@ -6,6 +6,8 @@ The public names of each chapter's module are re-exported here, in the order of 
 from minillm.corpus import EOT, Corpus, CorpusError, Document, load_corpus, stdlib_corpus
 from minillm.tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer, TokenizerError, train_bpe
 from minillm.attention import AttentionError, CausalSelfAttention, KVCache
+from minillm.rope import RopeError, RotaryEmbedding
+from minillm.model import LLM, ConfigError, ModelConfig
 
 __version__ = "0.1.0"
 
@@ -16,4 +18,6 @@ __all__ = [
     "GPT2_PATTERN", "GPT4_PATTERN", "Tokenizer", "TokenizerError", "train_bpe",
     # chapters 02 and 03: attention
     "AttentionError", "CausalSelfAttention", "KVCache",
+    # chapter 04: rotary positions; chapter 05: the model
+    "RopeError", "RotaryEmbedding", "LLM", "ConfigError", "ModelConfig",
 ]

@@ -1,0 +1,100 @@
+"""Rotary position embeddings (RoPE).
+
+Each pair of dimensions of a query or key is rotated by an angle proportional to its position,
+`pos * theta^(-2i/D)` for pair i, so that the dot product of a query at position m and a key at
+position n depends on m - n only. Two layouts pair the dimensions differently:
+
+* ``interleaved=False`` (default, as in Hugging Face's Llama): pair i is (x[i], x[i + D/2]);
+* ``interleaved=True`` (as in the RoPE paper and Meta's release): pair i is (x[2i], x[2i + 1]).
+
+They are the same rotation under a fixed permutation of the dimensions (chapter 04 shows it).
+`RotaryEmbedding` plugs into `minillm.attention.CausalSelfAttention` as its ``position_hook``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RopeError", "RotaryEmbedding", "rope_frequencies", "apply_rotary"]
+
+
+class RopeError(ValueError):
+    """Rotary embeddings asked for something they cannot do; the message says what to change."""
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0, scaling: str | None = None, factor: float = 1.0) -> Tensor:
+    """The D/2 angular frequencies theta^(-2i/D), optionally scaled to stretch the context.
+
+    ``scaling="linear"`` is position interpolation (Chen et al., 2023): every frequency is divided by
+    `factor`, so positions up to `factor` times the trained length map onto trained angles.
+    ``scaling="ntk"`` raises the base to theta * factor^(D / (D - 2)) ("NTK-aware" scaling): high
+    frequencies barely change and the lowest is divided by `factor`.
+    """
+    if head_dim < 2 or head_dim % 2:
+        raise RopeError(f"head_dim must be even and at least 2 to form pairs, got {head_dim}")
+    if theta <= 1.0:
+        raise RopeError(f"theta must be greater than 1, got {theta}")
+    if scaling not in (None, "linear", "ntk"):
+        raise RopeError(f"scaling must be None, 'linear' or 'ntk', got {scaling!r}")
+    if factor < 1.0:
+        raise RopeError(f"the scaling factor must be at least 1, got {factor}")
+    if scaling == "ntk":
+        theta = theta * factor ** (head_dim / (head_dim - 2))
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling == "linear":
+        freqs = freqs / factor
+    return freqs.float()
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def apply_rotary(x: Tensor, positions: Tensor, freqs: Tensor, interleaved: bool = False) -> Tensor:
+    """Rotate x (..., T, D) at the given T positions; the reference the cached module is tested against."""
+    dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32; float64 stays float64
+    angles = positions.to(dtype)[:, None] * freqs.to(dtype)[None, :]  # (T, D/2)
+    return _rotate(x.to(dtype), angles.cos(), angles.sin(), interleaved).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Cached cos/sin tables for positions 0 .. max_seq_len - 1, applied to queries and keys.
+
+    Call it as the attention's position hook: ``rope(q, k, start)`` rotates (B, H, T, D) queries and
+    keys whose first position is `start` (the number of positions already in the KV cache).
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0, scaling: str | None = None,
+                 factor: float = 1.0, interleaved: bool = False) -> None:
+        super().__init__()
+        if max_seq_len < 1:
+            raise RopeError(f"max_seq_len must be positive, got {max_seq_len}")
+        self.head_dim, self.max_seq_len, self.interleaved = head_dim, max_seq_len, interleaved
+        self.theta, self.scaling, self.factor = theta, scaling, factor
+        freqs = rope_frequencies(head_dim, theta, scaling, factor)
+        angles = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * freqs[None, :]  # (T_max, D/2)
+        # Not saved in checkpoints: they are a pure function of the configuration.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, q: Tensor, k: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
+        T = q.shape[-2]
+        if start + T > self.max_seq_len:
+            raise RopeError(
+                f"positions {start}..{start + T - 1} are past the rotary tables, which end at {self.max_seq_len - 1}; "
+                f"use a shorter context or build the model with a larger max_seq_len"
+            )
+        cos, sin = self.cos[start : start + T], self.sin[start : start + T]
+        # Rotate in float32 even for bf16 activations: angles at large positions need the precision.
+        rq = _rotate(q.float(), cos, sin, self.interleaved).to(q.dtype)
+        rk = _rotate(k.float(), cos, sin, self.interleaved).to(k.dtype)
+        return rq, rk
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, theta={self.theta}, scaling={self.scaling}, interleaved={self.interleaved}"

@@ -1,0 +1,188 @@
+"""minillm.model: the parts against their formulas, parameter counts, causality, generation, config errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minillm.model import LLM, PRESETS, ConfigError, ModelConfig, RMSNorm, SwiGLU, sample_next
+
+torch.manual_seed(0)
+
+
+def tiny(**kw) -> ModelConfig:
+    return ModelConfig(**{**dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=24), **kw})
+
+
+def test_rmsnorm_formula():
+    norm = RMSNorm(6, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(1.0, 7.0))
+    x = torch.randn(3, 6)
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6) * torch.arange(1.0, 7.0)
+    torch.testing.assert_close(norm(x), expected)
+    # Unlike LayerNorm, it does not remove the mean: a constant vector keeps its sign.
+    torch.testing.assert_close(RMSNorm(4)(torch.full((1, 4), 3.0)), torch.ones(1, 4), atol=1e-5, rtol=0)
+
+
+def test_swiglu_formula():
+    mlp = SwiGLU(8, 16)
+    x = torch.randn(5, 8)
+    gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    silu = lambda z: z / (1 + torch.exp(-z))  # noqa: E731
+    expected = (silu(x @ gate.T) * (x @ up.T)) @ down.T
+    torch.testing.assert_close(mlp(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def closed_form_parameters(cfg: ModelConfig) -> int:
+    C, V, L, F_, D, G = cfg.d_model, cfg.vocab_size, cfg.n_layers, cfg.ffn_dim, cfg.head_dim, cfg.n_kv_heads
+    attn = 2 * C * C + 2 * C * G * D + (2 * C + 2 * G * D if cfg.bias else 0)
+    if cfg.mlp == "swiglu":
+        mlp = 3 * C * F_ + (2 * F_ + C if cfg.bias else 0)
+    else:
+        mlp = 2 * C * F_ + (F_ + C if cfg.bias else 0)
+    norm = C + (C if cfg.norm == "layernorm" and cfg.bias else 0)
+    n = V * C + L * (attn + mlp + 2 * norm) + norm
+    n += 0 if cfg.tie_embeddings else V * C
+    n += cfg.max_seq_len * C if cfg.position == "learned" else 0
+    return n
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_parameter_counts_of_every_preset(name):
+    cfg = ModelConfig.preset(name)
+    with torch.device("meta"):  # a 7B model, inspected without allocating its memory
+        model = LLM(cfg)
+    assert model.num_parameters() == closed_form_parameters(cfg)
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_preset_sizes_are_what_their_names_say():
+    counts = {}
+    for name in PRESETS:
+        with torch.device("meta"):
+            counts[name] = LLM(ModelConfig.preset(name)).num_parameters()
+    assert 120e6 < counts["gpt2-small"] < 130e6
+    assert 300e6 < counts["llama-350m"] < 420e6
+    assert 1.0e9 < counts["llama-1b"] < 1.2e9
+    assert 3.0e9 < counts["llama-3b"] < 3.6e9
+    assert 6.6e9 < counts["llama-7b"] < 6.9e9  # Llama 2 7B has 6.74B
+    assert counts["tiny"] < 10e6
+
+
+@pytest.mark.parametrize("variant", [{}, dict(norm="layernorm", mlp="gelu", position="learned", bias=True), dict(tie_embeddings=True)])
+def test_counts_of_variants_and_flops(variant):
+    cfg = tiny(**variant)
+    model = LLM(cfg)
+    assert model.num_parameters() == closed_form_parameters(cfg)
+    n = model.num_parameters(exclude_embeddings=True) + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+    assert model.flops_per_token(16) == 6 * n + 12 * cfg.n_layers * cfg.d_model * 16
+
+
+def test_swiglu_width_rule():
+    assert ModelConfig(d_model=768).ffn_dim == 2048  # 8/3 * 768, already a multiple of 64
+    assert ModelConfig(d_model=1040, n_heads=8).ffn_dim == 2816  # 2773 rounded up to a multiple of 64
+    assert ModelConfig(d_model=64, n_heads=4, mlp="gelu").ffn_dim == 256
+
+
+@pytest.mark.parametrize("variant", [{}, dict(norm="layernorm", mlp="gelu", position="learned", bias=True)])
+def test_the_whole_model_is_causal(variant):
+    model = LLM(tiny(**variant)).eval()
+    ids = torch.randint(0, 97, (2, 16))
+    logits, _ = model(ids)
+    for t in (0, 7, 14):
+        changed = ids.clone()
+        changed[:, t + 1 :] = torch.randint(0, 97, changed[:, t + 1 :].shape)
+        torch.testing.assert_close(model(changed)[0][:, : t + 1], logits[:, : t + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_loss_and_initialization():
+    cfg = tiny()
+    model = LLM(cfg)
+    ids = torch.randint(0, 97, (4, 16))
+    logits, loss = model(ids[:, :-1], ids[:, 1:])
+    assert logits.shape == (4, 15, 97)
+    # At initialization the model is nearly uniform: loss close to ln(V).
+    assert abs(loss.item() - math.log(97)) < 0.1
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 97), ids[:, 1:].reshape(-1)))
+    std = model.blocks[0].attn.o_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(2 * cfg.n_layers)) < 0.003
+    assert abs(model.blocks[0].attn.q_proj.weight.std().item() - 0.02) < 0.003
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_tied_embeddings_share_storage():
+    model = LLM(tiny(tie_embeddings=True))
+    assert model.lm_head.weight.data_ptr() == model.token_embedding.weight.data_ptr()
+    assert model.num_parameters() == LLM(tiny()).num_parameters() - 97 * 32
+
+
+@pytest.mark.parametrize("variant", [{}, dict(position="learned", norm="layernorm", mlp="gelu", bias=True)])
+def test_cached_generation_equals_recomputation(variant):
+    model = LLM(tiny(**variant)).eval()
+    prompt = torch.randint(0, 97, (3, 5))
+    out = model.generate(prompt, 10, temperature=0)
+    ids = prompt
+    for _ in range(10):  # greedy decoding without a cache, the slow way
+        logits, _ = model(ids)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ids)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(logits, 1.0, top_k=2, generator=g) for _ in range(300)])
+    assert set(draws.flatten().tolist()) == {0, 1}
+    draws = torch.stack([sample_next(logits, 1.0, top_p=0.5, generator=g) for _ in range(300)])
+    assert set(draws.flatten().tolist()) == {0}  # token 0 alone has probability 0.64 >= 0.5
+    draws = torch.stack([sample_next(logits, 1.0, top_p=0.8, generator=g) for _ in range(300)])
+    assert set(draws.flatten().tolist()) == {0, 1}  # 0.64 < 0.8 <= 0.64 + 0.24
+    assert sample_next(logits, 0.0).item() == 0
+    hot = torch.stack([sample_next(logits, 100.0, generator=g) for _ in range(500)])
+    assert len(set(hot.flatten().tolist())) == 5  # a high temperature flattens the distribution
+
+
+def test_generation_stops_at_eos_and_checks_its_arguments():
+    model = LLM(tiny()).eval()
+    prompt = torch.randint(0, 97, (2, 3))
+    first = model.generate(prompt, 1, temperature=0)[:, -1]
+    out = model.generate(prompt, 10, temperature=0, eos_id=int(first[0]))
+    assert out[0, 3].item() == first[0].item() and (out[0, 3:] == first[0]).all()
+    with pytest.raises(ValueError, match="exceeds the context of 24 tokens"):
+        model.generate(prompt, 30)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        model.generate(prompt, 2, top_p=0.0)
+    with pytest.raises(ValueError, match="context is 24"):
+        model(torch.randint(0, 97, (1, 25)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(d_model=30, n_heads=4), "d_model=30 must be divisible by n_heads=4"),
+        (dict(n_heads=4, n_kv_heads=3), "n_heads=4 must be divisible by n_kv_heads=3"),
+        (dict(vocab_size=0), "vocab_size must be a positive integer"),
+        (dict(norm="batchnorm"), "norm must be 'rmsnorm' or 'layernorm'"),
+        (dict(mlp="relu"), "mlp must be"),
+        (dict(position="alibi"), "position must be"),
+        (dict(d_model=24, n_heads=8), "even head dimension"),
+        (dict(dropout=1.5), "dropout must be in"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny(**kwargs)
+
+
+def test_config_round_trip_and_unknown_fields():
+    cfg = ModelConfig.preset("tiny", n_layers=2)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg and cfg.n_layers == 2
+    with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['n_layer'\]"):
+        ModelConfig.from_dict({**cfg.to_dict(), "n_layer": 3})
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        ModelConfig.preset("huge")
