@@ -33,6 +33,7 @@ SUBTITLE = "Build a small large-language model from scratch, one runnable chapte
 _NB_NAME = re.compile(r"^(\d\d)_.*\.ipynb$")
 _MD_IMAGE = re.compile(r"(!\[[^\]]*\]\()([^)\s]+)(\))")
 # Lines that steer the tests, not the reader.
+_TYPST_RENAMES = {"dot.circle": "dot.o"}  # LaTeX \odot
 _HARNESS_LINE = re.compile(r"^\s*#\s*NBVAL_\w+.*\n?", re.MULTILINE)
 
 
@@ -109,6 +110,11 @@ def build(notebooks: list[tuple[int, Path]], out_dir: Path, stem: str, subtitle:
         ],
         cwd=out_dir, check=True,
     )
+    # pandoc's math writer still emits a few symbol names that newer typst releases renamed.
+    text = typ_path.read_text(encoding="utf-8")
+    for old, new in _TYPST_RENAMES.items():
+        text = text.replace(old, new)
+    typ_path.write_text(text, encoding="utf-8")
     pdf_path = out_dir / f"{stem}.pdf"
     # A fixed timestamp makes the PDF a pure function of the notebooks (no creation date inside).
     typst.compile(str(typ_path), output=str(pdf_path), root=str(out_dir), timestamp=0)
