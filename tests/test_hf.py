@@ -63,6 +63,25 @@ def test_transformers_to_minillm(tmp_path):
         torch.testing.assert_close(model(ids)[0], hf(ids).logits, atol=1e-5, rtol=0)
 
 
+def test_sharded_checkpoints_and_stray_files(tmp_path):
+    from safetensors.torch import save_file
+
+    model = random_weights(LLM(small()))
+    config, state = to_hf(model)
+    names = sorted(state)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for fname, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(tmp_path / fname))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}), encoding="utf-8")
+    (tmp_path / "config.json").write_text(json.dumps({**config, "head_dim": None}), encoding="utf-8")
+    save_file({"adapter.weight": torch.zeros(2)}, str(tmp_path / "adapter.safetensors"))  # must be ignored
+    again = load_hf(tmp_path)
+    ids = torch.randint(0, 101, (1, 8))
+    torch.testing.assert_close(again(ids)[0], model(ids)[0])
+
+
 def test_round_trip_in_memory():
     model = random_weights(LLM(small()))
     config, state = to_hf(model)

@@ -73,7 +73,7 @@ def _config_from_hf(hf: dict) -> ModelConfig:
     if kind not in (None, "default", "linear"):
         raise ConfigError(f"rope scaling {kind!r} is not supported; minillm converts 'default' and 'linear'")
     n_heads = hf["num_attention_heads"]
-    if hf.get("head_dim", hf["hidden_size"] // n_heads) * n_heads != hf["hidden_size"]:
+    if (hf.get("head_dim") or hf["hidden_size"] // n_heads) * n_heads != hf["hidden_size"]:
         raise ConfigError("head_dim * num_attention_heads must equal hidden_size for minillm's attention")
     return ModelConfig(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
@@ -165,11 +165,21 @@ def load_hf(folder: str | os.PathLike[str]) -> LLM:
     if not config_path.is_file():
         raise ConfigError(f"{folder}: no config.json; expected a folder written by save_pretrained or save_hf")
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    files = sorted(folder.glob("*.safetensors"))
+    # The weights are model.safetensors, or the shards an index lists; other files in the folder
+    # (an adapter, a second export) must not be mixed in.
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ConfigError(f"{folder}: the index lists shards that are missing: {missing[:3]}")
+    else:
+        files = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
     if not files:
         bins = sorted(folder.glob("*.bin"))
         hint = " (it holds pickle .bin files, which minillm does not load: they can run code; convert them to safetensors)" if bins else ""
-        raise ConfigError(f"{folder}: no .safetensors weights{hint}")
+        raise ConfigError(f"{folder}: no model.safetensors (or model.safetensors.index.json) weights{hint}")
     state: dict[str, Tensor] = {}
     for f in files:
         try:

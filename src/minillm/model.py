@@ -261,9 +261,10 @@ class LLM(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token: 6 N (forward and backward through every non-embedding weight, plus
-        the output layer when it is not tied) and 12 L C T for the attention scores and weighted sums
-        at context T (Kaplan et al., 2020; the PaLM paper's accounting)."""
+        """Training FLOPs per token: 6 N for the weights (forward and backward through every matrix but
+        the embedding lookup, the output layer included; Kaplan et al., 2020), plus 12 L C T for the
+        attention scores and weighted sums at context T, as the PaLM paper counts them (ignoring the
+        causal mask, which halves the true figure)."""
         cfg = self.cfg
         T = seq_len or cfg.max_seq_len
         n = self.num_parameters(exclude_embeddings=True)
