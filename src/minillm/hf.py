@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from minillm.model import LLM, ConfigError, ModelConfig
+from minillm.model import LLM, ConfigError, ModelConfig, rope_for
 
 __all__ = ["to_hf", "from_hf", "save_hf", "load_hf", "hf_config"]
 
@@ -120,20 +120,15 @@ def from_hf(config: dict, state: dict[str, Tensor]) -> LLM:
     model.load_state_dict(ours, strict=not cfg.tie_embeddings, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.token_embedding.weight
-    cos, sin = _rope_tables(cfg)  # buffers are not in checkpoints: a pure function of the config
-    model.rope.register_buffer("cos", cos, persistent=False)
-    model.rope.register_buffer("sin", sin, persistent=False)
+    # The rotary tables are not in checkpoints (a pure function of the config); the blocks hold this
+    # same module as their position hook, so its meta buffers are replaced in place.
+    tables = rope_for(cfg)
+    model.rope.register_buffer("cos", tables.cos, persistent=False)
+    model.rope.register_buffer("sin", tables.sin, persistent=False)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise ConfigError(f"the checkpoint left {leftover[:3]} unset")
     return model
-
-
-def _rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
-    from minillm.rope import RotaryEmbedding
-
-    r = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor)
-    return r.cos, r.sin
 
 
 def save_hf(model: LLM, folder: str | os.PathLike[str]) -> Path:

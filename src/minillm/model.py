@@ -181,6 +181,13 @@ class TransformerBlock(nn.Module):
         return x + self.dropout(self.mlp(self.post_attn_norm(x)))
 
 
+def rope_for(cfg: ModelConfig) -> RotaryEmbedding | None:
+    """The rotary tables a model with this config uses (None with learned positions)."""
+    if cfg.position != "rope":
+        return None
+    return RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor)
+
+
 class LLM(nn.Module):
     """A decoder-only transformer language model."""
 
@@ -190,8 +197,7 @@ class LLM(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embedding = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
         # One rotary table shared by every layer: it holds no parameters, only cos and sin.
-        self.rope = (RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor)
-                     if cfg.position == "rope" else None)
+        self.rope = rope_for(cfg)
         self.blocks = nn.ModuleList(TransformerBlock(cfg, self.rope) for _ in range(cfg.n_layers))
         self.norm = _norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
