@@ -106,3 +106,53 @@ def test_positions_past_the_table():
     rope = RotaryEmbedding(8, 10)
     with pytest.raises(RopeError, match=r"positions 8..11 are past the rotary tables, which end at 9"):
         rope(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), start=8)
+
+
+def test_tables_stay_float32_whatever_to_does():
+    fresh = RotaryEmbedding(8, 32)
+    for convert in (lambda r: r.to(torch.bfloat16), lambda r: r.half(), lambda r: r.double(), lambda r: r.to("cpu")):
+        rope = convert(RotaryEmbedding(8, 32))
+        assert rope.cos.dtype == rope.sin.dtype == torch.float32
+        assert torch.equal(rope.cos, fresh.cos) and torch.equal(rope.sin, fresh.sin)
+    assert "cos" not in fresh.state_dict()
+
+
+def test_rotation_runs_in_the_promoted_dtype():
+    rope = RotaryEmbedding(8, 32)
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    rq, rk = rope(q, q, start=3)
+    assert rq.dtype == rk.dtype == torch.float64
+    r32, _ = rope(q.float(), q.float(), start=3)
+    assert not torch.equal(rq, r32.double())  # float64 inputs are not rounded through float32
+    torch.testing.assert_close(rq.float(), r32)
+    rb, _ = rope(q.bfloat16(), q.bfloat16(), start=3)
+    assert rb.dtype == torch.bfloat16
+
+
+def test_tables_grow_on_demand_and_never_from_an_untrusted_length():
+    rope = RotaryEmbedding(8, 10**9)  # a config could claim any context: nothing that size is built
+    assert rope.cos.shape == (4096, 4)
+    q = torch.randn(1, 1, 3, 8)
+    rq, _ = rope(q, q, start=10_000)
+    assert 10_003 <= rope.cos.shape[0] <= 2 * 10_003
+    torch.testing.assert_close(rq, apply_rotary(q, torch.arange(10_000, 10_003), rope_frequencies(8)), atol=2e-3, rtol=0)
+    # Growing changes no existing row: every length gives the same values for the same positions.
+    assert torch.equal(rope.cos[:4096], RotaryEmbedding(8, 10**9).cos)
+    small = RotaryEmbedding(8, 20)
+    assert small.cos.shape[0] == 20
+    with pytest.raises(RopeError, match="past the rotary tables"):
+        rope(q, q, start=10**9 - 2)
+
+
+def test_meta_construction_then_to_empty_gives_real_tables():
+    with torch.device("meta"):
+        rope = RotaryEmbedding(8, 32)
+    assert rope.cos.is_meta
+    rope.to_empty(device="cpu")
+    fresh = RotaryEmbedding(8, 32)
+    assert torch.equal(rope.cos, fresh.cos) and torch.equal(rope.sin, fresh.sin)
+    # A module left on meta builds its tables where the first call happens.
+    with torch.device("meta"):
+        lazy = RotaryEmbedding(8, 32)
+    q = torch.randn(1, 1, 4, 8)
+    assert torch.equal(lazy(q, q)[0], fresh(q, q)[0])

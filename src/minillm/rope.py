@@ -41,7 +41,8 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0, scaling: str | None 
         raise RopeError(f"the scaling factor must be at least 1, got {factor}")
     if scaling == "ntk":
         theta = theta * factor ** (head_dim / (head_dim - 2))
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    # On the CPU whatever the default device (meta included): the D/2 numbers define every table.
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
     if scaling == "linear":
         freqs = freqs / factor
     return freqs.float()
@@ -63,11 +64,23 @@ def apply_rotary(x: Tensor, positions: Tensor, freqs: Tensor, interleaved: bool 
     return _rotate(x.to(dtype), angles.cos(), angles.sin(), interleaved).to(x.dtype)
 
 
+# Tables are built up to this many positions when the module is made and grown on demand beyond it:
+# a config that claims a context of a billion tokens must not allocate a billion rows up front.
+EAGER_POSITIONS = 4096
+
+
 class RotaryEmbedding(nn.Module):
     """Cached cos/sin tables for positions 0 .. max_seq_len - 1, applied to queries and keys.
 
     Call it as the attention's position hook: ``rope(q, k, start)`` rotates (B, H, T, D) queries and
     keys whose first position is `start` (the number of positions already in the KV cache).
+
+    The tables are float32 buffers, not saved in checkpoints (they are a pure function of the
+    configuration). They hold the first min(max_seq_len, EAGER_POSITIONS) positions and grow when a
+    call reaches further. Whatever `.to()`, `.half()` or `to_empty()` does to the module, they are
+    recomputed in float32 on the new device: a bf16 model does not get bf16-rounded angles, and a model
+    built on the meta device does not get uninitialized ones. The rotation runs in float32 for 16-bit
+    inputs and in float64 for float64 inputs.
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0, scaling: str | None = None,
@@ -77,23 +90,45 @@ class RotaryEmbedding(nn.Module):
             raise RopeError(f"max_seq_len must be positive, got {max_seq_len}")
         self.head_dim, self.max_seq_len, self.interleaved = head_dim, max_seq_len, interleaved
         self.theta, self.scaling, self.factor = theta, scaling, factor
-        freqs = rope_frequencies(head_dim, theta, scaling, factor)
-        angles = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * freqs[None, :]  # (T_max, D/2)
-        # Not saved in checkpoints: they are a pure function of the configuration.
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.freqs = rope_frequencies(head_dim, theta, scaling, factor)  # a plain attribute: .to() leaves it alone
+        self.register_buffer("cos", None, persistent=False)
+        self.register_buffer("sin", None, persistent=False)
+        self.reset_tables(torch.get_default_device(), min(max_seq_len, EAGER_POSITIONS))
+
+    def reset_tables(self, device: torch.device | str | None = None, length: int | None = None) -> None:
+        """(Re)compute the tables for positions 0 .. length - 1 (default: as many as now) on `device`.
+
+        They are always computed on the CPU in float32 and then moved, so that every device and every
+        length gives the same values for the same positions.
+        """
+        device = self.cos.device if device is None else device
+        length = self.cos.shape[0] if length is None else length
+        angles = torch.arange(length, dtype=torch.float32, device="cpu")[:, None] * self.freqs[None, :]  # (T, D/2)
+        self.cos, self.sin = angles.cos().to(device), angles.sin().to(device)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (torch's private hook behind .to() and to_empty())
+        super()._apply(fn, recurse)
+        self.reset_tables()  # on the device the move chose, in float32, never rounded or left uninitialized
+        return self
 
     def forward(self, q: Tensor, k: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
         T = q.shape[-2]
-        if start + T > self.max_seq_len:
+        end = start + T
+        if end > self.max_seq_len:
             raise RopeError(
-                f"positions {start}..{start + T - 1} are past the rotary tables, which end at {self.max_seq_len - 1}; "
+                f"positions {start}..{end - 1} are past the rotary tables, which end at {self.max_seq_len - 1}; "
                 f"use a shorter context or build the model with a larger max_seq_len"
             )
-        cos, sin = self.cos[start : start + T], self.sin[start : start + T]
-        # Rotate in float32 even for bf16 activations: angles at large positions need the precision.
-        rq = _rotate(q.float(), cos, sin, self.interleaved).to(q.dtype)
-        rk = _rotate(k.float(), cos, sin, self.interleaved).to(k.dtype)
+        have = self.cos.shape[0]
+        if have < end or self.cos.device != q.device:
+            # Grow by doubling (so that decoding token by token rebuilds rarely), never past max_seq_len.
+            self.reset_tables(q.device, have if have >= end else min(self.max_seq_len, max(end, 2 * have)))
+        # Rotate in at least float32 even for bf16 activations: angles at large positions need the
+        # precision. Float64 inputs rotate in float64 (with the same float32 tables).
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        cos, sin = self.cos[start:end].to(dtype), self.sin[start:end].to(dtype)
+        rq = _rotate(q.to(dtype), cos, sin, self.interleaved).to(q.dtype)
+        rk = _rotate(k.to(dtype), cos, sin, self.interleaved).to(k.dtype)
         return rq, rk
 
     def extra_repr(self) -> str:
