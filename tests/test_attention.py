@@ -176,3 +176,15 @@ def test_bad_input_shape_and_cache_sizes():
         attn(torch.randn(2, 5, 8))
     with pytest.raises(AttentionError, match="must be positive"):
         KVCache(1, 2, 0, 8)
+
+
+def test_cache_dtype_follows_autocast_then_the_weights():
+    attn = CausalSelfAttention(16, 2).eval()
+    assert attn.new_cache(1, 4).k.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = attn.new_cache(1, 4)
+        assert cache.k.dtype == torch.bfloat16
+        y = attn(torch.randn(1, 3, 16), cache)
+    assert y.dtype == torch.bfloat16 and cache.pos == 3
+    assert attn.new_cache(1, 4, dtype=torch.float16).v.dtype == torch.float16
+    assert attn.double().new_cache(1, 4).k.dtype == torch.float64

@@ -153,7 +153,7 @@ def test_generation_stops_at_eos_and_checks_its_arguments():
     first = model.generate(prompt, 1, temperature=0)[:, -1]
     out = model.generate(prompt, 10, temperature=0, eos_id=int(first[0]))
     assert out[0, 3].item() == first[0].item() and (out[0, 3:] == first[0]).all()
-    with pytest.raises(ValueError, match="exceeds the context of 24 tokens"):
+    with pytest.raises(ValueError, match="feeds 32 positions through the model, which exceeds the context of 24 tokens"):
         model.generate(prompt, 30)
     with pytest.raises(ValueError, match="top_p must be in"):
         model.generate(prompt, 2, top_p=0.0)
@@ -186,3 +186,160 @@ def test_config_round_trip_and_unknown_fields():
         ModelConfig.from_dict({**cfg.to_dict(), "n_layer": 3})
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         ModelConfig.preset("huge")
+
+
+def test_generation_fills_the_context_exactly():
+    # A prompt of T tokens and n new ones feed T + n - 1 positions: the last token is never fed back.
+    model = LLM(tiny()).eval()
+    full = torch.randint(0, 97, (1, 24))
+    assert model.generate(full, 1, temperature=0).shape == (1, 25)
+    assert model.generate(full[:, :20], 5, temperature=0).shape == (1, 25)
+    with pytest.raises(ValueError, match="feeds 25 positions"):
+        model.generate(full[:, :20], 6)
+    assert torch.equal(model.generate(full, 0), full)
+    sizes = []
+    real = model.new_caches
+    model.new_caches = lambda b, n, dtype=None: sizes.append(n) or real(b, n, dtype)
+    model.generate(full[:, :10], 7, temperature=0)
+    assert sizes == [16]
+
+
+def test_generate_restores_the_training_flag_even_after_an_error():
+    model = LLM(tiny()).train()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    model._logits = boom
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 4)
+    assert model.training
+    del model._logits
+    model.eval().generate(torch.zeros(1, 3, dtype=torch.long), 2)
+    assert not model.training
+
+
+def test_last_only_logits_equal_the_last_row():
+    model = LLM(tiny()).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        full, _ = model(ids)
+        last, _ = model(ids, last_only=True)
+    assert last.shape == (2, 1, 97)
+    torch.testing.assert_close(last[:, 0], full[:, -1], atol=1e-6, rtol=1e-6)
+
+
+def test_a_loss_with_every_target_ignored_is_zero_not_nan():
+    model = LLM(tiny())
+    ids = torch.randint(0, 97, (2, 6))
+    _, loss = model(ids, torch.full_like(ids, -100))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    # Partly ignored: the mean over the targets that count.
+    targets = ids.clone()
+    targets[:, :3] = -100
+    logits, loss = model(ids, targets)
+    torch.testing.assert_close(loss, F.cross_entropy(logits[:, 3:].reshape(-1, 97), ids[:, 3:].reshape(-1)))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_meta_construction_then_to_empty_and_reset_parameters(tied):
+    torch.manual_seed(5)
+    normal = LLM(tiny(tie_embeddings=tied)).eval()
+    with torch.device("meta"):
+        model = LLM(tiny(tie_embeddings=tied))
+    model.to_empty(device="cpu")
+    model.reset_parameters()
+    model.eval()
+    assert len(list(model.parameters())) == len(list(normal.parameters()))
+    assert (model.lm_head.weight is model.token_embedding.weight) == tied
+    assert torch.equal(model.rope.cos, normal.rope.cos)
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids)[0]).all()
+        model.load_state_dict(normal.state_dict())
+        assert torch.equal(model(ids)[0], normal(ids)[0])
+    assert (model.lm_head.weight is model.token_embedding.weight) == tied
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_meta_construction_then_load_state_dict_assign(tied):
+    normal = LLM(tiny(tie_embeddings=tied)).eval()
+    with torch.device("meta"):
+        model = LLM(tiny(tie_embeddings=tied))
+    model.load_state_dict({k: v.clone() for k, v in normal.state_dict().items()}, assign=True)
+    model.eval()
+    assert (model.lm_head.weight is model.token_embedding.weight) == tied
+    assert len(list(model.parameters())) == len(list(normal.parameters()))
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], normal(ids)[0])
+
+
+def test_a_tied_model_refuses_two_different_matrices():
+    untied = LLM(tiny())
+    tied = LLM(tiny(tie_embeddings=True))
+    with pytest.raises(ConfigError, match="differs from token_embedding.weight, but the model ties them"):
+        tied.load_state_dict(untied.state_dict())
+
+
+def test_float64_models_compute_in_float64():
+    torch.manual_seed(2)
+    model = LLM(tiny()).double().eval()
+    assert model.rope.cos.dtype == torch.float32  # one defined dtype for the tables
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    norm = model.blocks[0].input_norm
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + norm.eps)
+    torch.testing.assert_close(norm(x), expected, atol=1e-14, rtol=1e-14)  # not rounded through float32
+    ids = torch.randint(0, 97, (2, 10))
+    logits = model(ids)[0]
+    assert logits.dtype == torch.float64
+    ref = LLM(tiny()).eval()
+    ref.load_state_dict(model.state_dict())
+    torch.testing.assert_close(ref(ids)[0].double(), logits, atol=1e-5, rtol=0)
+    # bf16 does not round the rotary tables.
+    assert LLM(tiny()).to(torch.bfloat16).rope.cos.dtype == torch.float32
+
+
+def test_kv_cache_takes_the_autocast_dtype():
+    model = LLM(tiny()).eval()
+    assert model.new_caches(1, 8)[0].k.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        caches = model.new_caches(1, 8)
+        assert caches[0].k.dtype == torch.bfloat16
+        out = model.generate(torch.randint(0, 97, (1, 4)), 3, temperature=0)
+    assert out.shape == (1, 7)
+    assert model.new_caches(1, 8, dtype=torch.float16)[0].k.dtype == torch.float16
+
+
+def test_sampling_with_a_generator_matches_its_device():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a = [sample_next(logits, 1.0, generator=g1).item() for _ in range(20)]
+    b = [sample_next(logits, 1.0, generator=g2).item() for _ in range(20)]
+    assert a == b
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(vocab_size=True), r"vocab_size must be a positive integer, got True \(bool\)"),
+        (dict(d_ff=10.5), r"d_ff must be a positive integer, got 10.5 \(float\)"),
+        (dict(n_kv_heads="2"), r"n_kv_heads must be a positive integer, got '2' \(str\)"),
+        (dict(norm_eps=float("nan")), "norm_eps must be a finite real number"),
+        (dict(tie_embeddings=1), "tie_embeddings must be True or False"),
+        (dict(rope_factor=2.0), "rope_factor=2.0 has no effect without rope_scaling"),
+        (dict(rope_theta=1.0), "rope_theta must be greater than 1"),
+    ],
+)
+def test_config_types(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny(**kwargs)
+
+
+def test_numpy_scalars_are_accepted_as_numbers():
+    np = pytest.importorskip("numpy")
+    cfg = tiny(d_model=np.int64(32), dropout=np.float32(0.0))
+    assert type(cfg.d_model) is int and type(cfg.dropout) is float

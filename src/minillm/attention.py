@@ -128,10 +128,20 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty cache shaped for this layer, on its device and in its dtype."""
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache shaped for this layer, on its device.
+
+        Its dtype is `dtype`, else the one the keys and values will have: the autocast dtype when
+        autocast is on for the weights' device and the weights are float32 (under bf16 autocast the
+        projections return bf16, and a float32 cache would convert them at every step), else the
+        weights' dtype.
+        """
         w = self.k_proj.weight
-        return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, device=w.device, dtype=w.dtype)
+        if dtype is None:
+            kind = w.device.type
+            autocast = w.dtype == torch.float32 and torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+            dtype = torch.get_autocast_dtype(kind) if autocast else w.dtype
+        return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, device=w.device, dtype=dtype)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """x: (B, T, C) -> (B, T, C); with need_weights, also the (B, H, T, S) attention weights."""
