@@ -7,11 +7,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CHAPTER ?=
+TIMEOUT ?= 60
 
 NBVAL_FLAGS := --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast pdf figures notebooks lab clean corpus
+.PHONY: help install test test-fast pdf figures notebooks lab clean corpus student grade
 
 help:  ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -36,6 +37,13 @@ corpus: $(STAMP)  ## summarize the built-in corpus
 
 pdf: $(STAMP)  ## build/book.pdf and build/solutions.pdf from the stored notebooks (CHAPTER=04 for one)
 	$(PY) book/build.py $(if $(CHAPTER),--chapter $(CHAPTER))
+
+student: $(STAMP)  ## write build/student/: the chapters, and exercise notebooks with the solutions stripped
+	$(PY) book/student.py
+
+grade: $(STAMP)  ## grade exercise notebooks: make grade SUBMISSIONS=dir [TIMEOUT=60]
+	@test -n "$(SUBMISSIONS)" || { echo "make grade: set SUBMISSIONS to the folder that holds one folder per student, e.g. make grade SUBMISSIONS=submissions" >&2; exit 2; }
+	$(PY) book/grade.py "$(SUBMISSIONS)" --timeout $(TIMEOUT) --out build/grades
 
 figures: $(STAMP)  ## regenerate every figure under figures/
 	$(PY) book/figures.py
