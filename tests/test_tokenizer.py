@@ -1,8 +1,14 @@
-"""minillm.tokenizer: a hand-worked example, naive == fast, round trips, tiktoken parity, files, errors."""
+"""minillm.tokenizer: a hand-worked example, naive == fast, round trips, tiktoken parity, files, errors.
+
+Bad inputs that must raise are rows of tests/test_bad_inputs_text.py; the file format's properties are
+in tests/test_tokenizer_properties.py.
+"""
 
 from __future__ import annotations
 
 import json
+import random
+import time
 import tracemalloc
 
 import pytest
@@ -10,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minillm.corpus import EOT, stdlib_corpus
+from minillm.files import OutputError
 from minillm.tokenizer import (
     GPT2_PATTERN,
     GPT4_PATTERN,
@@ -374,7 +381,7 @@ def test_bad_tokenizer_construction():
     vocab = {i: bytes([i]) for i in range(256)}
     with pytest.raises(TokenizerError, match="non-empty string"):
         Tokenizer(vocab, [], {"": 300})
-    with pytest.raises(TokenizerError, match="is a prefix of"):
+    with pytest.raises(TokenizerError, match=r"special token id 300 is outside 0\.\.257: .* without gaps"):
         Tokenizer(vocab, [], {"<|a|>": 300, "<|a|>x": 301})
     with pytest.raises(TokenizerError, match="lacks 1 single bytes"):
         Tokenizer({i: bytes([i]) for i in range(255)}, [])
@@ -386,24 +393,208 @@ def test_bad_tokenizer_construction():
         Tokenizer(vocab, [], {"<|x|>": 5})
 
 
-def test_cli_train_and_encode(tmp_path):
-    import subprocess
-    import sys
+# -- special tokens: overlapping ones, and ones that hold a newline --------------------------------------
 
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "a.txt").write_text("def f(self):\n    return self.x\n" * 50, encoding="utf-8")
-    out = tmp_path / "tok.bpe"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "minillm", "tokenizer", *a], capture_output=True, text=True)  # noqa: E731
-    r = run("train", "--data", str(tmp_path / "data"), "--val-fraction", "0", "--vocab-size", "280", "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    tok = Tokenizer.load(out)
-    assert tok.vocab_size <= 280 and b" self" in tok.vocab.values()
-    r = run("encode", "--tokenizer", str(out), "--text", "    return self.x")
-    assert [int(x) for x in r.stdout.split()] == tok.encode("    return self.x")
-    (tmp_path / "in.txt").write_text("return self\n" * 3, encoding="utf-8")
-    r = run("encode", "--tokenizer", str(out), "--file", str(tmp_path / "in.txt"), "--count")
-    assert int(r.stdout) == len(tok.encode("return self\n" * 3))
-    r = run("encode", "--tokenizer", str(out), "--text", f"x{EOT}")
-    assert r.returncode == 2 and "contains the special token" in r.stderr
-    r = run("train", "--data", str(tmp_path / "data"), "--vocab-size", "100", "--out", str(out))
-    assert r.returncode == 2 and "too small" in r.stderr
+def _tok_with_specials(specials):
+    text = ("def f(self):\n    return self.x\n" * 20 + "ab\ncd e\n") * 3
+    return train_bpe(text, 256 + 40 + len(specials), special_tokens=specials)
+
+
+def test_overlapping_special_tokens_longest_match_wins():
+    double = EOT + EOT
+    tok = _tok_with_specials((EOT, double, "<|x|>"))
+    single, both = tok.special_tokens[EOT], tok.special_tokens[double]
+    text = f"a{EOT}{EOT}{EOT}b{EOT}"
+    expected = [ord("a"), both, single, ord("b"), single]
+    assert tok.encode(text, allowed_special="all") == tok.encode_python(text, allowed_special="all") == expected
+    assert list(tok.encode_iterable(list(text), allowed_special="all", block_chars=1)) == expected
+    assert tok.encode_batch([text, "x"], allowed_special="all") == [expected, [ord("x")]]
+    assert tok.decode(expected) == text
+    # Allowing the short one only is not enough: the longest match is the double one, and it is not allowed.
+    with pytest.raises(TokenizerError, match=r"special token '<\|endoftext\|><\|endoftext\|>' at character 1"):
+        tok.encode(text, allowed_special={EOT})
+    # Either order of definition gives the same cut.
+    other = Tokenizer(tok.vocab, tok.merges, {double: single, EOT: both, "<|x|>": tok.special_tokens["<|x|>"]})
+    assert other.encode(text, allowed_special="all") == [ord("a"), single, both, ord("b"), both]
+
+
+def test_special_token_holding_a_newline_is_the_same_on_every_path():
+    special = "<|x\ny|>"
+    tok = _tok_with_specials((EOT, special))
+    text = "aa\nbb\n" * 40 + f"x{special}z\nq\n" + "cc\ndd\n" * 40
+    whole = tok.encode(text, allowed_special="all")
+    assert tok.special_tokens[special] in whole
+    assert whole == tok.encode_python(text, allowed_special="all")
+    for block in (1, 3, 8, 64):
+        assert list(tok.encode_iterable(text.splitlines(keepends=True), allowed_special="all", block_chars=block)) == whole
+    # Not allowed: every path refuses it, at the same offset in the whole input.
+    at = text.index(special)
+    for run in (lambda: tok.encode(text), lambda: tok.encode_python(text),
+                lambda: list(tok.encode_iterable(text.splitlines(keepends=True), block_chars=8))):
+        with pytest.raises(TokenizerError, match=f"at character {at};"):
+            run()
+
+
+@settings(max_examples=120, deadline=None)
+@given(parts=st.lists(st.sampled_from(["a", "b", "\n", " ", "<|x\ny|>", "<|x\n", EOT, EOT + EOT, "\ny|>"]), max_size=40),
+       cuts=st.lists(st.integers(0, 200), max_size=8), block=st.sampled_from([1, 2, 5, 16]))
+def test_streaming_equals_whole_text_with_awkward_special_tokens(parts, cuts, block):
+    tok = _awkward_tok()
+    text = "".join(parts)
+    bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    assert list(tok.encode_iterable(pieces, allowed_special="all", block_chars=block)) == tok.encode(text, allowed_special="all")
+    try:
+        expected = tok.encode(text)
+    except TokenizerError as e:  # the same error, naming the same offset in the whole text
+        with pytest.raises(TokenizerError) as streamed:
+            list(tok.encode_iterable(pieces, block_chars=block))
+        assert str(streamed.value) == str(e)
+    else:
+        assert list(tok.encode_iterable(pieces, block_chars=block)) == expected
+
+
+_AWKWARD = []
+
+
+def _awkward_tok():
+    if not _AWKWARD:
+        _AWKWARD.append(_tok_with_specials((EOT, EOT + EOT, "<|x\ny|>")))
+    return _AWKWARD[0]
+
+
+# -- the encoder: tiktoken's rule, in n log n --------------------------------------------------------------
+
+def _bpe_reference(ranks: dict[bytes, int], piece: bytes) -> list[int]:
+    """The rule written the obvious, quadratic way (the package's encoder before it used a heap)."""
+    parts = [piece[i : i + 1] for i in range(len(piece))]
+    while len(parts) > 1:
+        best, at = None, -1
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and (best is None or r < best):
+                best, at = r, i
+        if best is None:
+            break
+        parts[at : at + 2] = [parts[at] + parts[at + 1]]
+    return [ranks[p] for p in parts]
+
+
+@pytest.fixture(scope="module")
+def ab_tok():
+    rng = random.Random(0)
+    text = "".join(rng.choice("aab") for _ in range(30_000)) + " " + "a" * 3000
+    return train_bpe(text, 700, special_tokens=(), pattern=r"\S+|\s")
+
+
+@settings(max_examples=200, deadline=None)
+@given(piece=st.binary(max_size=200) | st.text(alphabet="ab", max_size=300).map(str.encode)
+       | st.integers(1, 600).map(lambda n: b"a" * n))
+def test_heap_bpe_equals_the_reference_rule(stdlib_tok, ab_tok, piece):
+    for tok in (stdlib_tok[1], ab_tok):
+        assert tok._bpe(piece) == _bpe_reference(tok.ranks, piece)
+
+
+def test_encoder_is_subquadratic_on_one_huge_pre_token(ab_tok):
+    # 1 MB without a space is a single pre-token of the pattern \S+ (tiktoken would take it too, but
+    # this is the pure-Python path that custom patterns fall back to).
+    rng = random.Random(1)
+    big = "".join(rng.choices("aab", k=1_000_000))
+    timings = {}
+    for n in (100_000, 1_000_000):
+        start = time.perf_counter()
+        ids = ab_tok.encode_python(big[:n])
+        timings[n] = time.perf_counter() - start
+        assert ab_tok.decode(ids) == big[:n]
+    assert timings[1_000_000] < 30, timings  # the quadratic encoder took hours
+    assert timings[1_000_000] / timings[100_000] < 25, timings  # quadratic would be 100
+
+
+def test_a_pre_token_that_is_a_token_is_that_token():
+    # tiktoken's rule starts by looking the whole pre-token up. Here BPE alone would stop at
+    # [ab, c, d] ("abc" and "cd" are not tokens), yet "abcd" is one; both paths give the token.
+    vocab = {i: bytes([i]) for i in range(256)} | {256: b"ab", 257: b"bc", 258: b"bcd", 259: b"abcd"}
+    tok = Tokenizer(vocab, [(b"a", b"b"), (b"b", b"c"), (b"bc", b"d"), (b"a", b"bcd")], pattern=r"\S+|\s")
+    assert tok._bpe(b"abcd") == [256, ord("c"), ord("d")]
+    assert tok.encode("abcd") == tok.encode_python("abcd") == tok.to_tiktoken().encode_ordinary("abcd") == [259]
+
+
+# -- streaming decode -------------------------------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_stream_decoder_pieces_join_to_decode(stdlib_tok, data):
+    _, tok = stdlib_tok
+    ids = data.draw(st.lists(st.integers(0, tok.vocab_size - 1), max_size=30)
+                    | st.text(alphabet=st.sampled_from(list("aé日本語😀👩‍👧 \n")), max_size=30).map(tok.encode))
+    dec = tok.decoder()
+    pieces = [dec.decode(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == tok.decode(ids)
+    assert "".join(tok.decode_stream(ids)) == tok.decode(ids)
+
+
+def test_stream_decoder_never_garbles_non_ascii(stdlib_tok):
+    import torch
+
+    _, tok = stdlib_tok
+    for text in ["日本語のテキスト", "emoji 😀👩‍👩‍👧 done", "naïve café", "\u0915\u094d\u0937"]:
+        ids = tok.encode(text)
+        one_by_one = "".join(tok.decode([i]) for i in ids)
+        pieces = list(tok.decode_stream(ids))
+        assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+        assert len(pieces) <= len(ids)
+        if "日" in text:
+            assert "\ufffd" in one_by_one  # why the streaming decoder exists
+        dec = tok.decoder()
+        assert dec.decode(torch.tensor(ids[:2])) + dec.decode(torch.tensor(ids[2:])) + dec.flush() == text
+    dec = tok.decoder(errors="strict")
+    dec.decode(tok.encode("日")[:1])
+    with pytest.raises(TokenizerError, match="not valid UTF-8"):
+        dec.flush()
+
+
+# -- files: atomic, never over an existing file unless asked ------------------------------------------------
+
+def test_save_is_atomic_and_keeps_existing_files(tmp_path, monkeypatch):
+    import os
+
+    tok = train_bpe("hello world " * 20, 270)
+    path = tmp_path / "tok.bpe"
+    (tmp_path / "tok.bpe.tmp").write_text("the user's own file", encoding="utf-8")
+    tok.save(path)
+    before = path.read_bytes()
+    assert (tmp_path / "tok.bpe.tmp").read_text(encoding="utf-8") == "the user's own file"
+    bigger = train_bpe("hello world " * 20 + "abc abd", 275)
+    with pytest.raises(OutputError, match="exists"):
+        bigger.save(path)
+    assert path.read_bytes() == before
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        bigger.save(path, overwrite=True)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok.bpe", "tok.bpe.tmp"]
+    bigger.save(path, overwrite=True)
+    assert Tokenizer.load(path).merges == bigger.merges
+
+
+def test_load_accepts_crlf_line_endings(tmp_path):
+    tok = train_bpe("hello world " * 20, 270)
+    tok.save(tmp_path / "tok.bpe")
+    crlf = tmp_path / "crlf.bpe"
+    crlf.write_bytes((tmp_path / "tok.bpe").read_bytes().replace(b"\n", b"\r\n"))
+    again = Tokenizer.load(crlf)
+    assert again.merges == tok.merges and again.special_tokens == tok.special_tokens
+
+
+def test_num_proc_beyond_the_cores_is_capped_with_a_note():
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with pytest.warns(UserWarning, match=f"num_proc={cores + 22} is more than the {cores} available"):
+        counts = pretoken_counts(["a b c"], num_proc=cores + 22)
+    assert counts == pretoken_counts(["a b c"], num_proc=1)

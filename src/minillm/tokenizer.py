@@ -10,16 +10,24 @@ Conventions (chapter 01 explains each):
 * Each training step merges the most frequent adjacent pair; ties go to the lexicographically
   greater pair, comparing (left bytes, right bytes). The merges are therefore a pure function of
   the pre-token counts, whatever the number of processes that counted them.
-* Encoding follows tiktoken's rule: inside a pre-token, repeatedly merge the adjacent pair whose
-  concatenation is the token with the lowest id. With this rule a tokenizer and its
-  `to_tiktoken()` export give identical ids, and `encode` uses tiktoken as its fast path.
+* Encoding follows tiktoken's rule: a pre-token that is itself a token is that token; otherwise
+  repeatedly merge the adjacent pair whose concatenation is the token with the lowest id (the
+  leftmost such pair on a tie). With this rule a tokenizer and its `to_tiktoken()` export give
+  identical ids on ordinary text, and `encode` uses tiktoken as its fast path.
+* Special tokens are found leftmost first and, where several start at the same place (one may be a
+  prefix of another), longest first; `encode`, `encode_python` and `encode_iterable` all cut the
+  text this way themselves and hand only the ordinary text in between to the BPE.
+* The ids of a tokenizer run from 0 to ``vocab_size - 1`` without gaps.
 """
 
 from __future__ import annotations
 
+import codecs
 import heapq
 import json
+import numbers
 import os
+import signal
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,6 +48,7 @@ __all__ = [
     "train_bpe_naive",
     "pretoken_counts",
     "bytes_to_unicode",
+    "StreamDecoder",
 ]
 
 # The pre-tokenization patterns, as tiktoken spells them (r50k_base for GPT-2, cl100k_base for GPT-4).
@@ -51,8 +60,15 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 
 FORMAT_HEADER = "#minillm-bpe v1"
 # Text that exercises every class of a pre-tokenization pattern: contractions, letters, digits,
-# punctuation, underscores, non-ASCII, runs of spaces, newlines and a final newline.
-_PROBE = "Don't panic: x_1 = f(42, 'é') + 12345 \t\n\n    def g(self):\r\n        return None  # ok\n日本 😀 end\n"
+# punctuation, underscores, non-ASCII, runs of spaces, newlines and a final newline, then one
+# character of each Unicode general category (a combining mark, a letter number, an no-break space,
+# a line separator, a control, a format and a private-use character, an unassigned code point...),
+# so that a custom pattern that would silently drop some kind of character is caught.
+_PROBE = (
+    "Don't panic: x_1 = f(42, 'é') + 12345 \t\n\n    def g(self):\r\n        return None  # ok\n"
+    "e\u0301 \u0903\u20dd Ⅻ½ a-b «c» $^©± x\u00a0y\u3000z\u2028\u2029 \x00\x7f\u200d\ue000\u0378 1 2 ,3\f\v\x1c\x85 \n"
+    "日本 😀 end\n"  # letters right before a final newline: where `$` differs between regex engines
+)
 _PARALLEL_MIN_CHARS = 2_000_000  # below this, starting worker processes costs more than it saves
 
 
@@ -61,14 +77,30 @@ class TokenizerError(ValueError):
 
 
 def _compile(pattern: str) -> regex.Pattern:
+    if not isinstance(pattern, str):
+        raise TokenizerError(f"the pre-tokenization pattern must be a string (a regex), got {type(pattern).__name__} {pattern!r}")
     try:
         return regex.compile(pattern)
-    except regex.error as e:
+    except (regex.error, ValueError, OverflowError, RecursionError) as e:  # `regex` raises more than regex.error
         raise TokenizerError(f"pre-tokenization pattern does not compile: {e} (pattern: {pattern!r})") from None
 
 
+def _checked_pattern(pattern: str) -> regex.Pattern:
+    """Compile `pattern` and, unless it is a built-in one, check that it keeps every character of the probe."""
+    pat = _compile(pattern)
+    if pattern not in PATTERNS.values():
+        pieces = pat.findall(_PROBE)
+        if sum(len(p) for p in pieces) != len(_PROBE):
+            raise TokenizerError(
+                f"the pre-tokenization pattern does not match every character (on {_PROBE!r} it keeps only "
+                f"{''.join(pieces)!r}); text it skips would be lost. Add a catch-all alternative such as '|\\s|.'"
+            )
+    return pat
+
+
 def _special_splitter(specials: Iterable[str]) -> regex.Pattern | None:
-    # Longest first, so that a special token that is a prefix of another never wins.
+    # An alternation tries its branches in order: longest first, so that where a special token and a
+    # longer one that it is a prefix of both fit, the longer one wins.
     specials = sorted(specials, key=len, reverse=True)
     return regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")") if specials else None
 
@@ -97,9 +129,9 @@ def pretoken_counts(
     contiguous run of whole documents; the sum of counts does not depend on how they were cut.
     """
     _compile(pattern)
+    procs = _worker_count(num_proc)
     texts = list(texts)
     total = sum(len(t) for t in texts)
-    procs = num_proc if num_proc is not None else _available_cores()
     if procs <= 1 or total < _PARALLEL_MIN_CHARS:
         return _count_chunk((texts, pattern, list(special_tokens)))
     # Cut long single texts at special tokens first, so that the work can be shared.
@@ -113,10 +145,19 @@ def pretoken_counts(
         if size >= target and i < len(chunks) - 1:
             i, size = i + 1, 0
     counts: Counter[bytes] = Counter()
-    with ProcessPoolExecutor(procs) as pool:
+    pool = ProcessPoolExecutor(procs, initializer=_ignore_sigint)
+    try:
         for c in pool.map(_count_chunk, [(ch, pattern, []) for ch in chunks if ch]):
             counts.update(c)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: drop the queued chunks, end the workers
     return counts
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches every process of the terminal's group. The parent stops the pool; the workers
+    # must not each print a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,21 +169,52 @@ def _available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _is_int(x: object) -> bool:
+    # True and False are ints to Python, never counts to us; numpy's integers are fine.
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _worker_count(num_proc: int | None) -> int:
+    """The processes to count with: all cores by default, and never more than there are (more would only wait)."""
+    cores = _available_cores()
+    if num_proc is None:
+        return cores
+    if not _is_int(num_proc) or num_proc < 1:
+        raise TokenizerError(f"num_proc must be a whole number of processes, at least 1; got {num_proc!r} (CLI: --num-proc)")
+    if num_proc > cores:
+        warnings.warn(f"num_proc={num_proc} is more than the {cores} available core(s); using {cores}", stacklevel=3)
+        return cores
+    return int(num_proc)
+
+
 def _check_special_tokens(special_tokens: Sequence[str]) -> None:
-    if len(set(special_tokens)) != len(special_tokens):
-        dup = sorted(s for s, n in Counter(special_tokens).items() if n > 1)
-        raise TokenizerError(f"duplicate special token(s) {dup}: list each special token once")
+    if isinstance(special_tokens, str):
+        raise TokenizerError(f"special_tokens must be a list of strings, got the string {special_tokens!r}; write [{special_tokens!r}]")
     for s in special_tokens:
         if not isinstance(s, str) or not s:
             raise TokenizerError(f"a special token must be a non-empty string, got {s!r}")
-        for other in special_tokens:
-            if other != s and other.startswith(s):
-                # Longest-match (our splitter) and tiktoken's leftmost-first match would then disagree.
-                raise TokenizerError(f"special token {s!r} is a prefix of {other!r}; choose special tokens that are not prefixes of each other")
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TokenizerError(f"the special token {s!r} holds a lone surrogate, which has no UTF-8 bytes; use real characters") from None
+    if len(set(special_tokens)) != len(special_tokens):
+        dup = sorted(s for s, n in Counter(special_tokens).items() if n > 1)
+        raise TokenizerError(f"duplicate special token(s) {dup}: list each special token once")
 
 
-def _check_training_args(vocab_size: int, special_tokens: Sequence[str]) -> int:
+# Token ids must fit tiktoken's 32-bit ranks (and any embedding table we could ever allocate).
+_MAX_VOCAB = 2**31 - 1
+
+
+def _check_training_args(vocab_size: int, special_tokens: Sequence[str], pattern: str) -> int:
+    if not _is_int(vocab_size):
+        raise TokenizerError(f"vocab_size must be a whole number (an int), got {type(vocab_size).__name__} {vocab_size!r}; "
+                             "pass the number of tokens, e.g. vocab_size=4096")
     _check_special_tokens(special_tokens)
+    _checked_pattern(pattern)  # before any counting: a bad pattern should not cost a pass over the corpus
+    vocab_size = int(vocab_size)
+    if vocab_size > _MAX_VOCAB:
+        raise TokenizerError(f"vocab_size={vocab_size} is too large: token ids must fit in 31 bits; ask for at most {_MAX_VOCAB}")
     need = 256 + len(special_tokens)
     if vocab_size < need:
         raise TokenizerError(
@@ -260,7 +332,7 @@ def train_bpe(
     entries, refreshed lazily, yields the next merge. If the text runs out of pairs first, the
     vocabulary comes out smaller than asked.
     """
-    n_merges = _check_training_args(vocab_size, special_tokens)
+    n_merges = _check_training_args(vocab_size, special_tokens, pattern)
     texts = _texts_of(source)
     counts = pretoken_counts(texts, pattern, special_tokens, num_proc)
     if not counts:
@@ -318,7 +390,7 @@ def train_bpe_naive(
 
     Quadratic and slow; it exists to be read, and to check the fast trainer against.
     """
-    n_merges = _check_training_args(vocab_size, special_tokens)
+    n_merges = _check_training_args(vocab_size, special_tokens, pattern)
     counts = pretoken_counts(_texts_of(source), pattern, special_tokens, num_proc=1)
     if not counts:
         raise TokenizerError("the training corpus is empty: no text to learn merges from")
@@ -405,9 +477,7 @@ class Tokenizer:
         self.merges = list(merges)
         self.special_tokens = dict(special_tokens or {})
         self.pattern = pattern
-        self._pat = _compile(pattern)
-        if pattern not in PATTERNS.values():
-            self._check_pattern_covers(_PROBE)
+        self._pat = _checked_pattern(pattern)
         self.ranks = {t: i for i, t in self.vocab.items()}
         if len(self.ranks) != len(self.vocab):
             dup = Counter(self.vocab.values()).most_common(1)[0][0]
@@ -424,10 +494,24 @@ class Tokenizer:
             raise TokenizerError(f"special token id(s) {sorted(clash)} are also ordinary token ids")
         if len(set(self.special_tokens.values())) != len(self.special_tokens):
             raise TokenizerError("two special tokens share an id")
+        self._check_ids_are_dense()
         self.id_to_special = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
         self._splitter = _special_splitter(self.special_tokens)
+        # Special tokens that hold a newline are the ones a streaming block boundary could cut in two.
+        self._newline_special_len = max((len(t) for t in self.special_tokens if "\n" in t), default=0)
         self._tiktoken = None  # built on first use by encode's fast path
         self._tiktoken_failed = False
+
+    def _check_ids_are_dense(self) -> None:
+        # Every consumer (embedding tables, tiktoken, the file format) assumes ids 0..vocab_size-1.
+        n = self.vocab_size
+        for kind, ids in (("ordinary", self.vocab), ("special", self.special_tokens.values())):
+            for i in ids:
+                if not _is_int(i) or not 0 <= i < n:
+                    raise TokenizerError(
+                        f"{kind} token id {i!r} is outside 0..{n - 1}: the ids of a tokenizer with {n} tokens must run "
+                        f"from 0 to {n - 1} without gaps; renumber the tokens"
+                    )
 
     # -- sizes and lookups --------------------------------------------------------------------
 
@@ -448,68 +532,106 @@ class Tokenizer:
 
     # -- encoding -----------------------------------------------------------------------------
 
-    def _check_pattern_covers(self, text: str) -> None:
-        pieces = self._pat.findall(text)
-        if sum(len(p) for p in pieces) != len(text):
-            raise TokenizerError(
-                f"the pre-tokenization pattern does not match every character (on {text!r} it keeps only "
-                f"{''.join(pieces)!r}); text it skips would be lost. Add a catch-all alternative such as '|\\s|.'"
-            )
-
-    def _allowed(self, text: str, allowed_special: SpecialPolicy) -> set[str]:
+    def _allowed(self, allowed_special: SpecialPolicy) -> frozenset[str]:
+        """The special tokens that `allowed_special` lets through, checked against this tokenizer's."""
         if isinstance(allowed_special, str) and allowed_special != "all":
             allowed_special = {allowed_special}  # one special token named on its own
-        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        allowed = frozenset(self.special_tokens) if allowed_special == "all" else frozenset(allowed_special)
         unknown = allowed - set(self.special_tokens)
         if unknown:
             raise TokenizerError(f"allowed_special names unknown special token(s) {sorted(unknown)}; known: {sorted(self.special_tokens)}")
-        if self._splitter is not None:
-            for m in self._splitter.finditer(text):
-                if m.group(0) not in allowed:
-                    raise TokenizerError(
-                        f"the text contains the special token {m.group(0)!r} at character {m.start()}; pass "
-                        f"allowed_special={{{m.group(0)!r}}} (or 'all') to encode it as one special token, or "
-                        "encode_ordinary(text) to encode it as plain text"
-                    )
         return allowed
 
+    def _cut(self, text: str, allowed: frozenset[str], offset: int = 0) -> list[str | int]:
+        """`text` cut at its special tokens: the ordinary text between them (str) and their ids (int).
+
+        Matching is leftmost, then longest. A special token that is not in `allowed` raises, naming its
+        character offset in the whole input (`offset` is where `text` starts in it).
+        """
+        if self._splitter is None:
+            return [text]
+        out: list[str | int] = []
+        pos = 0
+        for m in self._splitter.finditer(text):
+            token = m.group(0)
+            if token not in allowed:
+                raise TokenizerError(
+                    f"the text contains the special token {token!r} at character {offset + m.start()}; pass "
+                    f"allowed_special={{{token!r}}} (or 'all') to encode it as one special token, or "
+                    "encode_ordinary(text) to encode it as plain text"
+                )
+            out += [text[pos : m.start()], self.special_tokens[token]]
+            pos = m.end()
+        out.append(text[pos:])
+        return out
+
+    def _encode(self, text: str, allowed_special: SpecialPolicy, ordinary, offset: int = 0) -> list[int]:
+        # The one place where special tokens are honoured; `ordinary` encodes the text in between.
+        parts = self._cut(text, self._allowed(allowed_special), offset)
+        if len(parts) == 1:
+            return ordinary(text)
+        out: list[int] = []
+        for part in parts:
+            if isinstance(part, int):
+                out.append(part)
+            elif part:
+                out.extend(ordinary(part))
+        return out
+
     def _bpe(self, piece: bytes) -> list[int]:
-        """tiktoken's rule: merge the adjacent pair that makes the lowest-id token, until none does."""
+        """tiktoken's rule: merge the adjacent pair that makes the lowest-id token (the leftmost on a
+        tie), until no adjacent pair makes a token.
+
+        In O(n log n) for a piece of n bytes, however long: the parts form a linked list over byte
+        offsets (the part that starts at i ends at nxt[i]), and a heap holds (rank, start, end) for each
+        adjacent pair that makes a token. A merge only adds the two pairs beside it. An entry whose
+        span no longer consists of two current parts is stale, and is skipped when it comes up.
+        """
         ranks = self.ranks
-        parts = [piece[i : i + 1] for i in range(len(piece))]
-        while len(parts) > 1:
-            best, at = None, -1
-            for i in range(len(parts) - 1):
-                r = ranks.get(parts[i] + parts[i + 1])
-                if r is not None and (best is None or r < best):
-                    best, at = r, i
-            if best is None:
-                break
-            parts[at : at + 2] = [parts[at] + parts[at + 1]]
-        return [ranks[p] for p in parts]
+        n = len(piece)
+        nxt = list(range(1, n + 1))
+        prv = list(range(-1, n - 1))
+        heap = [(r, i, i + 2) for i in range(n - 1) if (r := ranks.get(piece[i : i + 2])) is not None]
+        heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
+        while heap:
+            _, i, end = pop(heap)
+            j = nxt[i]
+            if j <= i or j >= n or nxt[j] != end:
+                continue  # stale: part i was merged away (nxt = 0 marks that), or a neighbour has grown
+            nxt[i], nxt[j] = end, 0
+            if end < n:
+                prv[end] = i
+                r = ranks.get(piece[i : nxt[end]])
+                if r is not None:
+                    push(heap, (r, i, nxt[end]))
+            left = prv[i]
+            if left >= 0:
+                r = ranks.get(piece[left:end])
+                if r is not None:
+                    push(heap, (r, left, end))
+        out, i = [], 0
+        while i < n:
+            out.append(ranks[piece[i : nxt[i]]])
+            i = nxt[i]
+        return out
 
     def _encode_ordinary_python(self, text: str) -> list[int]:
         out: list[int] = []
         cache: dict[str, list[int]] = {}
+        ranks = self.ranks
         for m in self._pat.findall(_without_surrogates(text)):
             ids = cache.get(m)
             if ids is None:
-                ids = cache[m] = self._bpe(m.encode("utf-8"))
+                piece = m.encode("utf-8")
+                whole = ranks.get(piece)  # as tiktoken: a pre-token that is a token is that token
+                ids = cache[m] = [whole] if whole is not None else self._bpe(piece)
             out.extend(ids)
         return out
 
     def encode_python(self, text: str, allowed_special: SpecialPolicy = ()) -> list[int]:
         """The pure-Python encoder: the reference that the tiktoken fast path must equal."""
-        allowed = self._allowed(text, allowed_special)
-        if not allowed or self._splitter is None:
-            return self._encode_ordinary_python(text)
-        out: list[int] = []
-        for i, part in enumerate(self._splitter.split(text)):
-            if i % 2 == 1:
-                out.append(self.special_tokens[part]) if part in allowed else out.extend(self._encode_ordinary_python(part))
-            elif part:
-                out.extend(self._encode_ordinary_python(part))
-        return out
+        return self._encode(text, allowed_special, self._encode_ordinary_python)
 
     def _fast(self):
         if self._tiktoken is None and not self._tiktoken_failed:
@@ -527,13 +649,7 @@ class Tokenizer:
 
     def encode(self, text: str, allowed_special: SpecialPolicy = ()) -> list[int]:
         """Token ids of `text`. Special-token strings raise unless listed in `allowed_special`."""
-        allowed = self._allowed(text, allowed_special)
-        enc = self._fast()
-        if enc is None:
-            return self.encode_python(text, allowed)
-        if not allowed:  # no special token to honour: tiktoken's cheaper entry point
-            return enc.encode_ordinary(text)
-        return enc.encode(text, allowed_special=allowed, disallowed_special=())
+        return self._encode(text, allowed_special, self.encode_ordinary)
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of `text`, reading special-token strings as plain text."""
@@ -541,16 +657,25 @@ class Tokenizer:
         return enc.encode_ordinary(text) if enc is not None else self._encode_ordinary_python(text)
 
     def encode_batch(self, texts: Sequence[str], allowed_special: SpecialPolicy = (), num_threads: int = 8) -> list[list[int]]:
-        """`encode` over many texts; tiktoken spreads them over threads."""
-        allowed = set()
-        for t in texts:
-            allowed |= self._allowed(t, allowed_special)
+        """`encode` over many texts; tiktoken spreads the ordinary text over threads."""
+        allowed = self._allowed(allowed_special)
+        cuts = []
+        for n, t in enumerate(texts):
+            try:
+                cuts.append(self._cut(t, allowed))
+            except TokenizerError as e:
+                raise TokenizerError(f"text {n}: {e}") from None
+        pieces = [p for cut in cuts for p in cut if isinstance(p, str)]
         enc = self._fast()
-        if enc is None:
-            return [self.encode_python(t, allowed) for t in texts]
-        if not allowed:
-            return enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
-        return enc.encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed, disallowed_special=())
+        encoded = iter(enc.encode_ordinary_batch(pieces, num_threads=num_threads) if enc is not None
+                       else [self._encode_ordinary_python(p) for p in pieces])
+        out = []
+        for cut in cuts:
+            ids: list[int] = []
+            for p in cut:
+                ids.append(p) if isinstance(p, int) else ids.extend(next(encoded))
+            out.append(ids)
+        return out
 
     def encode_iterable(self, chunks: Iterable[str], allowed_special: SpecialPolicy = (), block_chars: int = 1 << 16) -> Iterator[int]:
         """Stream the ids of a text given in pieces (a file's lines, say), in constant memory.
@@ -559,24 +684,44 @@ class Tokenizer:
         non-space character on each side: with both built-in patterns no pre-token spans such a
         place, so the ids equal those of `encode` on the whole text. (A custom pattern must keep that property.)
         Memory is bounded by the longest stretch without such a place (a long indented class body,
-        say), never by the length of the stream.
+        say), never by the length of the stream. A block never ends inside a special token (one that
+        holds a newline could straddle such a place), and the error for a special token that is not
+        allowed names its offset in the whole stream, as `encode` would.
         """
+        allowed = self._allowed(allowed_special)
         pieces: list[str] = []
-        size = 0
+        size = done = 0  # `done`: characters already encoded, for error offsets
         for chunk in chunks:
+            if not isinstance(chunk, str):
+                raise TokenizerError(f"encode_iterable needs text, got a {type(chunk).__name__} chunk; open files in "
+                                     "text mode (open(path, encoding='utf-8', newline=''))")
             pieces.append(chunk)
             size += len(chunk)
             if size < block_chars:
                 continue
             buf = "".join(pieces)
-            cut = _stream_cut(buf)
+            cut = self._block_cut(buf)
             if cut > 0:
-                yield from self.encode(buf[:cut], allowed_special)
-                buf = buf[cut:]
+                yield from self._encode(buf[:cut], allowed, self.encode_ordinary, done)
+                buf, done = buf[cut:], done + cut
             pieces, size = [buf], len(buf)
             block_chars = max(block_chars, 2 * size)  # a long line without a cut: wait for more text
         if pieces:
-            yield from self.encode("".join(pieces), allowed_special)
+            yield from self._encode("".join(pieces), allowed, self.encode_ordinary, done)
+
+    def _block_cut(self, buf: str) -> int:
+        """The last place where `encode_iterable` may end a block of `buf`, or 0 for none yet.
+
+        A lone newline (see `_stream_cuts`) that no special token spans. Only a special token holding a
+        newline can span one; it starts before the cut and is at most `_newline_special_len` long,
+        so it lies wholly in `buf` when the cut is far enough from its end, and scanning `buf` from
+        its start (itself a cut) finds it exactly as scanning the whole stream would.
+        """
+        if not self._newline_special_len:
+            return next(_stream_cuts(buf), 0)
+        limit = len(buf) - self._newline_special_len + 1
+        spans = [m.span() for m in self._splitter.finditer(buf) if "\n" in m.group(0)]
+        return next((c for c in _stream_cuts(buf) if c <= limit and not any(a < c < b for a, b in spans)), 0)
 
     # -- decoding -----------------------------------------------------------------------------
 
@@ -601,20 +746,45 @@ class Tokenizer:
         try:
             return data.decode("utf-8", errors=errors)
         except UnicodeDecodeError as e:
-            raise TokenizerError(f"the ids decode to bytes that are not valid UTF-8 ({e.reason} at byte {e.start}); use errors='replace'") from None
+            raise _not_utf8(e) from None
+
+    def decoder(self, errors: str = "replace") -> StreamDecoder:
+        """An incremental decoder, for printing tokens as they come: see `StreamDecoder`."""
+        return StreamDecoder(self, errors)
+
+    def decode_stream(self, ids: Iterable[int], errors: str = "replace") -> Iterator[str]:
+        """The text of `ids` in pieces, one per id that completes some characters; the pieces join to `decode(ids)`."""
+        dec = self.decoder(errors)
+        for i in ids:
+            piece = dec.decode(i)
+            if piece:
+                yield piece
+        tail = dec.flush()
+        if tail:
+            yield tail
 
     # -- tiktoken -----------------------------------------------------------------------------
 
     def to_tiktoken(self, name: str = "minillm"):
-        """A `tiktoken.Encoding` that gives the same ids (ranks are our ids)."""
+        """A `tiktoken.Encoding` with the same ids (ranks are our ids).
+
+        Its `encode_ordinary` gives our ids. Its own special-token matching is not specified when one
+        special token is a prefix of another; `Tokenizer.encode` cuts at special tokens itself.
+        """
         import tiktoken
 
         return tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=self.ranks, special_tokens=self.special_tokens)
 
     # -- files --------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the documented text format (see `load`); written to a temporary file, then renamed."""
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Write the documented text format (see `load`).
+
+        The file is written atomically (`minillm.files.atomic_write`): a crash or a full disk leaves
+        the old file or the new one, never part of either. An existing file is kept unless `overwrite`.
+        """
+        from minillm.files import atomic_write
+
         # The format stores merges, not ids: merge i must make token 256 + i, and nothing else may exist.
         if len(self.vocab) != 256 + len(self.merges) or any(
             self.vocab.get(256 + i) != a + b for i, (a, b) in enumerate(self.merges)
@@ -629,69 +799,118 @@ class Tokenizer:
             lines.append(f"#special {i} {json.dumps(s)}")
         lines.append(f"#merges {len(self.merges)}")
         lines += [f"{_to_text(a)} {_to_text(b)}" for a, b in self.merges]
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, "\n".join(lines) + "\n", overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """Read a file written by `save`.
+        """Read a file written by `save`; anything malformed raises a TokenizerError naming the line.
 
         The format is UTF-8 text. Line 1 is ``#minillm-bpe v1``; then ``#pattern <JSON string>``;
-        optionally ``#bytes <256 ids>`` (the ids of bytes 0..255, when they are not 0..255); one
-        ``#special <id> <JSON string>`` line per special token; ``#merges <count>``; and one merge
-        per line, ``left right``, each token written with GPT-2's printable byte alphabet (a space
-        is 'Ġ', a newline 'Ċ'). Merge i makes the token with id 256 + i.
+        optionally ``#bytes <256 ids>`` (the ids of bytes 0..255, a permutation of 0..255, when they
+        are not 0..255); one ``#special <id> <JSON string>`` line per special token; ``#merges
+        <count>``; and one merge per line, ``left right``, each token written with GPT-2's printable
+        byte alphabet (a space is 'Ġ', a newline 'Ċ'). Merge i makes the token with id 256 + i from
+        two tokens that exist before it. The special tokens take the ids after the merges, without gaps.
         """
         path = Path(path)
         try:
-            lines = path.read_text(encoding="utf-8").split("\n")
+            lines = [line.removesuffix("\r") for line in path.read_bytes().decode("utf-8").split("\n")]  # CRLF too
         except FileNotFoundError:
-            raise TokenizerError(f"{path}: no such tokenizer file") from None
+            raise TokenizerError(f"{path}: no such tokenizer file; check the path, or train one with 'minillm tokenizer train'") from None
+        except IsADirectoryError:
+            raise TokenizerError(f"{path}: is a folder; give the tokenizer file itself") from None
+        except OSError as e:
+            raise TokenizerError(f"{path}: cannot read the tokenizer file ({e.strerror}); check its permissions") from None
         except UnicodeDecodeError:
             raise TokenizerError(f"{path}: not a text file (expected UTF-8); is it a tokenizer saved by minillm?") from None
 
         def bad(n: int, what: str) -> TokenizerError:
             return TokenizerError(f"{path}:{n}: {what}")
 
-        if not lines or lines[0].strip() != FORMAT_HEADER:
-            raise bad(1, f"expected the header {FORMAT_HEADER!r}, found {lines[0][:40]!r}")
-        pattern, byte_ids, specials, n_merges, merges = None, list(range(256)), {}, None, []
+        def number(text: str, n: int, what: str) -> int:
+            # Only plain ASCII digits: int() would also take '-3', ' 3', '3_000' and other scripts' digits.
+            if not (text.isascii() and text.isdigit()):
+                raise bad(n, f"{what} must be a whole number written with the digits 0-9, found {text[:40]!r}")
+            return int(text)
+
+        if lines[0].strip() != FORMAT_HEADER:
+            raise bad(1, f"expected the header {FORMAT_HEADER!r}, found {lines[0][:40]!r}; is it a tokenizer saved by minillm?")
+        header: dict[str, int] = {}  # key -> line, to refuse a repeated line
+        pattern, byte_ids, n_merges = None, list(range(256)), None
+        specials: dict[str, tuple[int, int]] = {}  # token -> (id, line)
+        n = 1
         for n, line in enumerate(lines[1:], start=2):
-            if n_merges is not None:
-                if not line:
-                    continue
-                parts = line.split(" ")
-                if len(parts) != 2 or not all(parts):
-                    raise bad(n, f"expected a merge 'left right', found {line[:60]!r}")
-                merges.append((_from_text(parts[0], f"{path}:{n}"), _from_text(parts[1], f"{path}:{n}")))
-                continue
             key, _, rest = line.partition(" ")
-            try:
-                if key == "#pattern":
+            if key in header and key != "#special":
+                raise bad(n, f"a second {key} line (the first is line {header[key]}); keep one")
+            header.setdefault(key, n)
+            if key == "#pattern":
+                try:
                     pattern = json.loads(rest)
-                elif key == "#bytes":
-                    byte_ids = [int(x) for x in rest.split()]
-                    if sorted(byte_ids) != sorted(set(byte_ids)) or len(byte_ids) != 256:
-                        raise ValueError("need 256 distinct ids")
-                elif key == "#special":
-                    i, _, s = rest.partition(" ")
-                    specials[json.loads(s)] = int(i)
-                elif key == "#merges":
-                    n_merges = int(rest)
-                else:
-                    raise ValueError(f"unknown line {line[:40]!r}")
-            except (ValueError, json.JSONDecodeError) as e:
-                raise bad(n, f"malformed {key or 'empty'} line ({e})") from None
-        if pattern is None or n_merges is None:
-            raise bad(len(lines), "the file ended before its '#pattern' and '#merges' lines")
-        if len(merges) != n_merges:
-            raise bad(len(lines), f"'#merges {n_merges}' announced, {len(merges)} found: the file is truncated")
+                except json.JSONDecodeError as e:
+                    raise bad(n, f"malformed #pattern line ({e}); expected a JSON string") from None
+                if not isinstance(pattern, str):
+                    raise bad(n, f"malformed #pattern line: expected a JSON string (a regex in quotes), found {rest[:40]!r}")
+            elif key == "#bytes":
+                byte_ids = [number(x, n, "a byte id") for x in rest.split(" ")]
+                if sorted(byte_ids) != list(range(256)):
+                    raise bad(n, "malformed #bytes line: need the ids of the 256 bytes, a permutation of 0..255")
+            elif key == "#special":
+                i, _, token_json = rest.partition(" ")
+                i = number(i, n, "a special token's id")
+                try:
+                    token = json.loads(token_json)
+                except json.JSONDecodeError as e:
+                    raise bad(n, f"malformed #special line ({e}); expected '#special <id> <JSON string>'") from None
+                if not isinstance(token, str) or not token:
+                    raise bad(n, f"malformed #special line: the token must be a non-empty JSON string, found {token_json[:40]!r}")
+                if token in specials:
+                    raise bad(n, f"the special token {token!r} is listed twice (also on line {specials[token][1]}); keep one")
+                specials[token] = (i, n)
+            elif key == "#merges":
+                n_merges = number(rest, n, "the number of merges")
+                break
+            else:
+                raise bad(n, f"malformed {key or 'empty'} line: unknown line {line[:40]!r}; expected #pattern, #bytes, #special or #merges")
+        if n_merges is None:
+            raise bad(n, "the file ended before its '#merges' line: it is truncated")
+        if pattern is None:
+            raise bad(n, "no '#pattern' line before '#merges'; add '#pattern <JSON string>' after the header")
+
         vocab = {i: bytes([b]) for b, i in enumerate(byte_ids)}
-        for i, (a, b) in enumerate(merges):
-            vocab[256 + i] = a + b
-        return cls(vocab, merges, specials, pattern)
+        known = set(vocab.values())
+        merges: list[tuple[bytes, bytes]] = []
+        for n, line in enumerate(lines[n:], start=n + 1):
+            if not line:
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2 or not all(parts):
+                raise bad(n, f"expected a merge 'left right', found {line[:60]!r}")
+            left, right = (_from_text(x, f"{path}:{n}") for x in parts)
+            if left not in known or right not in known:
+                raise bad(n, f"the merge {line[:60]!r} joins a token that no earlier line makes; the merges are out of order or damaged")
+            if left + right in known:
+                raise bad(n, f"the merge {line[:60]!r} makes a token that already exists; each merge must make a new token")
+            known.add(left + right)
+            vocab[256 + len(merges)] = left + right
+            merges.append((left, right))
+        if len(merges) != n_merges:
+            fix = "the file is truncated" if len(merges) < n_merges else "fix the count or remove the extra lines"
+            raise bad(len(lines), f"'#merges {n_merges}' announced, {len(merges)} found: {fix}")
+
+        first, end = len(vocab), len(vocab) + len(specials)
+        taken: dict[int, int] = {}
+        for token, (i, n) in specials.items():
+            if not first <= i < end:
+                raise bad(n, f"the special token {token!r} has id {i}, but with {first} ordinary tokens the "
+                             f"{len(specials)} special token(s) take the ids {first}..{end - 1} (no gaps); renumber it")
+            if i in taken:
+                raise bad(n, f"the id {i} is given to two special tokens (also on line {taken[i]}); renumber one")
+            taken[i] = n
+        try:
+            return cls(vocab, merges, {t: i for t, (i, _) in specials.items()}, pattern)
+        except TokenizerError as e:
+            raise TokenizerError(f"{path}: {e}") from None
 
     @classmethod
     def from_gpt2_files(
@@ -728,6 +947,44 @@ class Tokenizer:
         return cls(vocab, merges, specials, pattern)
 
 
+class StreamDecoder:
+    """Decodes ids as they come, holding back the bytes of a character that is not complete yet.
+
+    A token can end inside a multi-byte character (one byte of '日', say), so decoding tokens one by
+    one garbles non-ASCII text; the pieces this returns join to exactly ``tokenizer.decode(ids)``::
+
+        dec = tok.decoder()
+        for i in ids:
+            print(dec.decode(i), end="", flush=True)
+        print(dec.flush())
+    """
+
+    def __init__(self, tokenizer: Tokenizer, errors: str = "replace") -> None:
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=errors)
+
+    def decode(self, ids: int | Iterable[int]) -> str:
+        """The text that `ids` (one id, or several) complete; bytes of an unfinished character wait."""
+        if hasattr(ids, "tolist"):  # a tensor or array, possibly of one id
+            ids = ids.tolist()
+        data = self.tokenizer.decode_bytes([ids] if isinstance(ids, numbers.Integral) else ids)
+        try:
+            return self._utf8.decode(data)
+        except UnicodeDecodeError as e:
+            raise _not_utf8(e) from None
+
+    def flush(self) -> str:
+        """The end of the stream: bytes still held back become U+FFFD (or raise, with errors='strict')."""
+        try:
+            return self._utf8.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            raise _not_utf8(e) from None
+
+
+def _not_utf8(e: UnicodeDecodeError) -> TokenizerError:
+    return TokenizerError(f"the ids decode to bytes that are not valid UTF-8 ({e.reason} at byte {e.start}); use errors='replace'")
+
+
 @lru_cache(maxsize=1)
 def _without_surrogates(text: str) -> str:
     """Lone surrogates (not encodable as UTF-8) become U+FFFD, exactly as tiktoken treats them."""
@@ -742,8 +999,8 @@ def _alphabet() -> frozenset[str]:
     return frozenset(bytes_to_unicode().values())
 
 
-def _stream_cut(buf: str) -> int:
-    """The last position in `buf` just after a lone newline (a non-space character on each side), or 0.
+def _stream_cuts(buf: str) -> Iterator[int]:
+    """The positions in `buf` just after a lone newline (a non-space character on each side), last first.
 
     No pre-token of either built-in pattern spans such a place, and the newline is a pre-token of its
     own (or ends one) whether or not text follows: a whitespace run at the end of a block would
@@ -753,6 +1010,6 @@ def _stream_cut(buf: str) -> int:
     while True:
         i = buf.rfind("\n", 0, i)
         if i <= 0:
-            return 0
+            return
         if i + 1 < len(buf) and not buf[i + 1].isspace() and not buf[i - 1].isspace():
-            return i + 1
+            yield i + 1
