@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,14 @@ from minillm.corpus import (
     Corpus,
     CorpusError,
     Document,
+    check_output_path,
+    input_paths,
     load_corpus,
     split_of,
     stdlib_corpus,
     stdlib_files,
 )
+from minillm.files import OutputError
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +92,6 @@ def test_manifest_matches_text(stdlib, tmp_path):
     name, size, sha, split = rows[1].split("\t")
     doc = stdlib.documents[0]
     assert name == doc.name and int(size) == len(doc.text.encode()) and split == split_of(name)
-    import hashlib
-
     assert sha == hashlib.sha256(doc.text.encode()).hexdigest()
 
 
@@ -216,17 +216,89 @@ def test_non_utf8_names_file_and_offers_policy(tmp_path):
     assert load_corpus(p, errors="ignore").documents[0].text == "caf"
 
 
-def test_cli_summary_and_error(tmp_path):
-    (tmp_path / "a.txt").write_text("hello", encoding="utf-8")
-    out = subprocess.run(
-        [sys.executable, "-m", "minillm", "corpus", "--data", str(tmp_path), "--manifest", str(tmp_path / "m.tsv")],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    assert "documents   1" in out and "bytes       5" in out
-    assert "note: the val split is empty" in out  # one document cannot be split
-    assert (tmp_path / "m.tsv").read_text().count("\n") == 2
-    err = subprocess.run(
-        [sys.executable, "-m", "minillm", "corpus", "--data", str(tmp_path / "missing")],
-        capture_output=True, text=True,
-    )
-    assert err.returncode == 2 and "no such file or directory" in err.stderr
+# -- globs name documents as a directory load does --------------------------------------------------------
+
+def _write(root: Path, rel: str, text: str) -> None:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_text(text, encoding="utf-8")
+
+
+def test_glob_and_directory_agree_and_adding_a_file_renames_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for i in range(40):
+        _write(tmp_path, f"corp/a/f{i}.txt", f"document {i}\n")
+    before = load_corpus("corp/**/*.txt", val_fraction=0.5)
+    assert [d.name for d in before.documents][:3] == ["a/f0.txt", "a/f1.txt", "a/f10.txt"]
+    directory = load_corpus("corp", val_fraction=0.5)
+    assert directory.fingerprint() == before.fingerprint()
+    assert load_corpus(str(tmp_path / "corp" / "**" / "*.txt"), val_fraction=0.5).fingerprint() == before.fingerprint()
+    assert load_corpus("./corp/*/*.txt", val_fraction=0.5).fingerprint() == before.fingerprint()
+
+    _write(tmp_path, "corp/b/new.txt", "a new document\n")
+    after = load_corpus("corp/**/*.txt", val_fraction=0.5)
+    old = {m.name: m.split for m in before.manifest}
+    new = {m.name: m.split for m in after.manifest}
+    assert set(new) == set(old) | {"b/new.txt"}
+    assert all(new[name] == split for name, split in old.items())  # nobody switched split
+    assert load_corpus("corp", val_fraction=0.5).fingerprint() == after.fingerprint()
+
+
+def test_glob_order_is_the_directory_order(tmp_path):
+    # Path objects sort by parts ("a/b" before "a-b"); names sort as strings ("a-b" before "a/b").
+    for rel in ["a/b.txt", "a-b.txt", "a.txt", "a/a.txt"]:
+        _write(tmp_path, rel, rel)
+    names = [d.name for d in load_corpus(tmp_path).documents]
+    assert names == sorted(names) == [d.name for d in load_corpus(str(tmp_path / "**" / "*.txt")).documents]
+
+
+# -- the manifest: atomic, never over an input, never over an existing file unless asked --------------------
+
+def test_manifest_refuses_inputs_and_existing_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, "corp/a.txt", "alpha")
+    _write(tmp_path, "corp/b.txt", "beta")
+    corpus = load_corpus("corp")
+    for inside in ["corp/a.txt", "corp/m.tsv", "corp/sub/../m.tsv"]:
+        with pytest.raises(OutputError, match="also an input"):
+            corpus.write_manifest(inside, overwrite=True)
+    single = load_corpus("corp/a.txt")
+    with pytest.raises(OutputError, match="also an input"):
+        single.write_manifest(tmp_path / "corp" / "a.txt", overwrite=True)
+    globbed = load_corpus("corp/*.txt")
+    with pytest.raises(OutputError, match="matches the input pattern"):
+        globbed.write_manifest("corp/manifest.txt", overwrite=True)
+    globbed.write_manifest("corp/manifest.tsv")  # beside the inputs, and not matched by the glob: fine
+    assert load_corpus("corp/*.txt").fingerprint() == globbed.fingerprint()
+
+    corpus.write_manifest("m.tsv")
+    first = Path("m.tsv").read_bytes()
+    Corpus("other", [Document("x", "y")]).write_manifest("other.tsv")
+    with pytest.raises(OutputError, match="exists"):
+        Corpus("other", [Document("x", "y")]).write_manifest("m.tsv")
+    assert Path("m.tsv").read_bytes() == first
+    Corpus("other", [Document("x", "y")]).write_manifest("m.tsv", overwrite=True)
+    assert Path("m.tsv").read_bytes() == Path("other.tsv").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["corp", "m.tsv", "other.tsv"]  # no temporary file left
+
+
+def test_glob_matching_follows_glob(tmp_path, monkeypatch):
+    from minillm.corpus import _glob_matches
+
+    monkeypatch.chdir(tmp_path)
+    for rel in ["c/x.txt", "c/d/y.txt", "c/.h/z.txt", "c/.w.txt", "c/d/e/v.md"]:
+        _write(tmp_path, rel, "t")
+    import glob
+
+    for pattern in ["c/*.txt", "c/**/*.txt", "c/**", "c/*/*", "c/[de]/*.txt", "c/?.txt", "c/.*", "**/*.md"]:
+        listed = {os.path.normpath(p) for p in glob.glob(pattern, recursive=True)}
+        for rel in ["c/x.txt", "c/d/y.txt", "c/.h/z.txt", "c/.w.txt", "c/d/e/v.md", "c/d", "c"]:
+            assert _glob_matches(pattern, rel) == (rel in listed), (pattern, rel)
+
+
+def test_input_paths_and_output_checks(tmp_path):
+    assert input_paths("hf:wikitext") == () and input_paths(["text"]) == () and input_paths("") == ()
+    assert input_paths("corp/*.txt") == ("corp/*.txt",) and input_paths(tmp_path) == (str(tmp_path),)
+    assert input_paths(None) == input_paths("stdlib") and Path(input_paths(None)[0]).is_dir()
+    assert check_output_path(tmp_path / "out.bpe", input_paths(tmp_path / "in")) == tmp_path / "out.bpe"
+    with pytest.raises(OutputError, match="is a folder"):
+        check_output_path(tmp_path, overwrite=True)

@@ -10,12 +10,19 @@ the rest of the package (tokenizer training, pretraining data) never cares where
 
 Documents are joined with `EOT` when a single stream of text is needed; the tokenizer turns it
 into a special token. The train/validation split is by document, decided by a hash of the
-document's name, so adding or removing a file never moves any other file between splits.
+document's name, so adding or removing a file never moves any other file between splits. Files are
+named by their path relative to the folder a source names: the folder itself, or the fixed part of a
+glob (``corp`` for ``corp/**/*.txt``), so a folder and a glob over the same files agree, and adding a
+file renames nothing.
+
+Every file written here (the manifest) goes through `minillm.files`: atomically, never over an input,
+never over an existing file unless asked.
 """
 
 from __future__ import annotations
 
 import ast
+import fnmatch
 import glob as globlib
 import hashlib
 import json
@@ -29,6 +36,8 @@ from typing import Literal
 
 from tqdm import tqdm
 
+from minillm.files import OutputError, atomic_write, check_output
+
 __all__ = [
     "EOT",
     "CorpusError",
@@ -40,6 +49,8 @@ __all__ = [
     "stdlib_files",
     "stdlib_corpus",
     "load_corpus",
+    "input_paths",
+    "check_output_path",
     "read_text_file",
     "iter_jsonl",
     "iter_parquet",
@@ -94,11 +105,16 @@ def split_of(name: str, val_fraction: float = 0.05) -> Split:
 
 @dataclass
 class Corpus:
-    """Documents with their manifest. Built by `stdlib_corpus` or `load_corpus`."""
+    """Documents with their manifest. Built by `stdlib_corpus` or `load_corpus`.
+
+    `inputs` are the files, folders or globs it was read from (see `input_paths`); outputs written
+    with the corpus (its manifest, a tokenizer trained on it) are checked against them.
+    """
 
     name: str
     documents: list[Document]
     val_fraction: float = 0.05
+    inputs: tuple[str, ...] = field(default=(), repr=False, compare=False)
     manifest: list[ManifestEntry] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -145,11 +161,16 @@ class Corpus:
             h.update(f"{m.name}\t{m.size}\t{m.sha256}\t{m.split}\n".encode())
         return h.hexdigest()
 
-    def write_manifest(self, path: str | os.PathLike[str]) -> None:
-        """Write the manifest as tab-separated text: name, size, sha256, split."""
+    def write_manifest(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
+        """Write the manifest as tab-separated text: name, size, sha256, split.
+
+        Written atomically; refused if `path` is one of the corpus's inputs (or would be read by it),
+        and kept if it exists unless `overwrite`.
+        """
+        check_output_path(path, self.inputs, overwrite=overwrite, what="manifest")
         lines = ["name\tsize\tsha256\tsplit"]
         lines += [f"{m.name}\t{m.size}\t{m.sha256}\t{m.split}" for m in self.manifest]
-        Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        atomic_write(path, "\n".join(lines) + "\n", overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,11 +246,22 @@ def iter_hf_dataset(
     `name` is anything `datasets.load_dataset` takes, including the local builders ("json",
     "parquet", "text") with ``data_files=...`` in `kwargs`, which is how the tests exercise it.
     """
+    if not name.strip():
+        raise CorpusError("'hf:' needs a dataset name after it, as in hf:wikitext or hf:user/dataset")
+    if name in _HF_FILE_BUILDERS and not (kwargs.get("data_files") or kwargs.get("data_dir")):
+        # Without data files these builders read the current folder: never what was meant.
+        raise CorpusError(
+            f"hf:{name} is the datasets loader for local {name} files, not a dataset: give the files "
+            f"themselves (--data path/to/files), or from Python load_corpus('hf:{name}', data_files=...)"
+        )
     try:
         import datasets
     except ImportError:
         raise CorpusError(f"loading hf:{name} needs the datasets package: pip install 'minillm[datasets]'") from None
-    ds = datasets.load_dataset(name, config, split=split, streaming=True, **kwargs)
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True, **kwargs)
+    except (OSError, ValueError) as e:  # not found, offline, a bad config or split name...
+        raise CorpusError(f"hf:{name}: the dataset cannot be loaded ({_one_line(e)}); check its name, and the network") from None
     for i, record in enumerate(ds, start=1):
         if text_field not in record:
             raise CorpusError(f"hf:{name} record {i}: no {text_field!r} field (found {sorted(record)})")
@@ -239,6 +271,18 @@ def iter_hf_dataset(
         if not isinstance(text, str):
             raise CorpusError(f"hf:{name} record {i}: field {text_field!r} is {type(text).__name__}, expected a string")
         yield Document(f"{name}:{i}", text)
+
+
+# The `datasets` builders that read local files (data_files=...) rather than name a dataset.
+_HF_FILE_BUILDERS = frozenset({
+    "arrow", "audiofolder", "conll", "csv", "eval", "fasta", "fastq", "genbank", "hdf5", "imagefolder", "json",
+    "lance", "meshfolder", "niftifolder", "pandas", "parquet", "pdffolder", "sql", "text", "videofolder",
+    "webdataset", "xml",
+})
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def _documents_from_file(path: Path, root: Path, text_field: str, errors: str) -> Iterator[Document]:
@@ -311,7 +355,7 @@ def stdlib_corpus(
     if include_topics:
         docs += [Document(f"{_TOPICS_FILE}:{k}", v) for k, v in _pydoc_topics(root).items()]
     docs = [d for d in docs if d.text]  # empty files (a few __init__.py) are not documents
-    return Corpus(f"stdlib-{sys.version_info.major}.{sys.version_info.minor}", docs, val_fraction)
+    return Corpus(f"stdlib-{sys.version_info.major}.{sys.version_info.minor}", docs, val_fraction, (str(root),))
 
 
 def _no_progress(progress: bool | None) -> bool:
@@ -323,14 +367,51 @@ def _no_progress(progress: bool | None) -> bool:
 # One entry point for every kind of source
 
 
+def _is_glob(source: str) -> bool:
+    return any(c in source for c in "*?[")
+
+
+def _glob_root(pattern: str) -> Path:
+    """The fixed folder a glob starts from: its leading components without a wildcard (``corp`` for
+    ``corp/**/*.txt``). Documents are named relative to it, as a directory load names them relative
+    to the directory, whatever the glob happens to match today."""
+    fixed = []
+    for part in Path(pattern).parent.parts:
+        if _is_glob(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _glob_matches(pattern: str, path: str | os.PathLike[str]) -> bool:
+    """Whether `glob.glob(pattern, recursive=True)` would list `path`, were it a file (without touching the disk)."""
+    pat = Path(os.path.abspath(pattern)).parts
+    target = Path(os.path.abspath(path)).parts
+
+    def match(i: int, j: int) -> bool:
+        if i == len(pat):
+            return j == len(target)
+        if pat[i] == "**":  # any number of folders, none of them hidden
+            return match(i + 1, j) or (j < len(target) and not target[j].startswith(".") and match(i, j + 1))
+        if j == len(target):
+            return False
+        name = target[j]
+        if name.startswith(".") and _is_glob(pat[i]) and not pat[i].startswith("."):
+            return False  # a wildcard does not match a hidden name
+        return fnmatch.fnmatchcase(name, pat[i]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
 def _expand(source: str) -> tuple[list[Path], Path]:
     """Files named by `source` (a file, a directory, or a glob) and the root that names them."""
-    if any(c in source for c in "*?["):
-        matches = sorted(Path(p) for p in globlib.glob(source, recursive=True) if Path(p).is_file())
+    if _is_glob(source):
+        root = _glob_root(source)
+        matches = [Path(p) for p in globlib.glob(source, recursive=True) if Path(p).is_file()]
         if not matches:
-            raise CorpusError(f"{source}: the pattern matches no files")
-        root = Path(os.path.commonpath([str(p.parent) for p in matches]))
-        return matches, root
+            raise CorpusError(f"{source}: the pattern matches no files; check it (quote it, so that the shell leaves it alone)")
+        # Sorted as a directory load sorts: by the POSIX name relative to the root.
+        return sorted(matches, key=lambda p: p.relative_to(root).as_posix()), root
     path = Path(source)
     if path.is_file():
         return [path], path.parent
@@ -346,6 +427,36 @@ def _expand(source: str) -> tuple[list[Path], Path]:
             )
         return files, path
     raise CorpusError(f"{source}: no such file or directory; give a file, a directory, a glob, 'stdlib' or 'hf:NAME'")
+
+
+def input_paths(source: str | os.PathLike[str] | Iterable[str] | None) -> tuple[str, ...]:
+    """What `load_corpus(source)` reads, as outputs must be checked against it: the file, the folder or
+    the glob itself (for 'stdlib', the standard library's folder); nothing for hf: or in-memory text."""
+    if source is None or source == "stdlib":
+        return (str(stdlib_root()),)
+    if isinstance(source, (str, os.PathLike)):
+        source = os.fspath(source)
+        return (source,) if source and not source.startswith("hf:") else ()
+    return ()
+
+
+def check_output_path(
+    path: str | os.PathLike[str], inputs: Iterable[str] = (), *, overwrite: bool = False, what: str = "output"
+) -> Path:
+    """Validate an output file before any work is done (see `minillm.files.check_output`).
+
+    Refuses an empty path, a folder, a path that is one of `inputs` or lies inside an input folder,
+    a path that an input glob would match (the next load would read it as a document), and an
+    existing file unless `overwrite`.
+    """
+    if path is not None and str(path) != "":
+        for pattern in (str(i) for i in inputs if _is_glob(str(i))):
+            if _glob_matches(pattern, path):
+                raise OutputError(f"the {what} {str(path)!r} matches the input pattern {pattern!r}, so it would be read "
+                                  "as a document next time; write it somewhere else")
+        if Path(path).is_dir():
+            raise OutputError(f"the {what} {str(path)!r} is a folder; give a file name")
+    return check_output(path, inputs=[i for i in inputs if not _is_glob(str(i))], overwrite=overwrite, what=what)
 
 
 def load_corpus(
@@ -368,10 +479,14 @@ def load_corpus(
     - ``"hf:NAME"``: a Hugging Face dataset through ``datasets.load_dataset`` (streamed);
     - an iterable of strings: one document each, named by index.
     """
+    if errors not in ("strict", "replace", "ignore"):
+        raise CorpusError(f"errors must be 'strict', 'replace' or 'ignore', got {errors!r}")
     if source is None or source == "stdlib":
         return stdlib_corpus(val_fraction=val_fraction, progress=progress)
     if isinstance(source, (str, os.PathLike)):
         source = os.fspath(source)
+        if not source.strip():
+            raise CorpusError("the data source is empty; give a file, a directory, a glob, 'stdlib' or 'hf:NAME'")
         if source.startswith("hf:"):
             docs = list(iter_hf_dataset(source[3:], text_field=text_field, **hf_kwargs))  # type: ignore[arg-type]
             return Corpus(source, [d for d in docs if d.text], val_fraction)
@@ -379,7 +494,7 @@ def load_corpus(
         docs = []
         for path in tqdm(files, desc="reading", unit="file", disable=_no_progress(progress)):
             docs.extend(_documents_from_file(path, root, text_field, errors))
-        return Corpus(source, [d for d in docs if d.text], val_fraction)
+        return Corpus(source, [d for d in docs if d.text], val_fraction, input_paths(source))
     docs = []
     for i, text in enumerate(source):
         if not isinstance(text, str):
