@@ -1,13 +1,125 @@
-"""The `minillm` command. Each chapter that finishes a tool adds a subcommand here."""
+"""The `minillm` command. Each chapter that finishes a tool adds a subcommand here.
+
+The rules, for every subcommand:
+
+* A mistake in the input (a bad argument, a missing or malformed file, text that is not UTF-8, an
+  output that would overwrite an input or an existing file) exits with status 2 and ONE line on
+  stderr that names the problem and the fix.
+* Anything else is a bug: status 1, one line, and the traceback only with ``--debug``.
+* Ctrl-C exits with status 130, quietly, and leaves no partial output behind: every file is written
+  through `minillm.files`, and outputs are checked before any long work starts.
+"""
 
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
+import errno
 import sys
-from collections.abc import Sequence
+import time
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
 
-from minillm.corpus import CorpusError, load_corpus
+from minillm.corpus import CorpusError, check_output_path, input_paths, load_corpus
+from minillm.files import OutputError
 from minillm.tokenizer import PATTERNS, Tokenizer, TokenizerError, train_bpe
+
+
+class CommandError(Exception):
+    """A user error found by the command itself (bad bytes on the command line or in a file)."""
+
+
+# Errors that are the user's to fix: exit 2 with one line. Every other exception is a bug.
+USER_ERRORS = (CommandError, CorpusError, TokenizerError, OutputError, OSError)
+
+# What to do about the common operating-system errors.
+_OS_FIXES = {
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "check the path",
+    errno.EISDIR: "give a file, not a folder",
+    errno.EACCES: "check the permissions",
+    errno.EPERM: "check the permissions",
+    errno.ENOSPC: "free some disk space and run again",
+    errno.EROFS: "write somewhere else",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the usage block, then the error)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+def _describe(e: BaseException) -> str:
+    """The message of a user error, on one line."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        fix = _OS_FIXES.get(e.errno or 0)
+        return f"{where}{e.strerror.lower()}" + (f"; {fix}" if fix else "")
+    return " ".join(str(e).split())
+
+
+def _not_utf8(where: str, data: bytes, at: int) -> CommandError:
+    return CommandError(f"{where} is not valid UTF-8 (byte {at}: {data[:4]!r}); convert it to UTF-8 "
+                        "(iconv -t UTF-8, or save it as UTF-8 in your editor)")
+
+
+def _read_stdin() -> str:
+    """Standard input as text, decoded strictly: bad bytes are an error, not silent U+FFFD."""
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
+    data = stream.read()
+    if isinstance(data, str):  # a text stream without bytes underneath (as in some test harnesses)
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8("standard input", data[e.start:], e.start) from None
+
+
+def _read_utf8(path: str, block: int = 1 << 16) -> Iterator[str]:
+    """A file's text in pieces, decoded strictly; an error names the byte offset in the whole file.
+
+    Read as bytes, so that line endings stay as they are (\\r\\n is encoded as it is in the file).
+    """
+    utf8 = codecs.getincrementaldecoder("utf-8")("strict")
+    done = 0  # bytes of the file handed to the decoder so far
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block)
+            held = utf8.getstate()[0]  # bytes of an unfinished character from the last block
+            try:
+                yield utf8.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, (held + data)[e.start:], done - len(held) + e.start) from None
+            if not data:
+                return
+            done += len(data)
+
+
+def _non_utf8_argument(argv: Sequence[str]) -> str | None:
+    """The error for the first argument that holds bytes that are not UTF-8, or None.
+
+    Python decodes such bytes as lone surrogates (surrogateescape) instead of failing; text or a
+    file name read that way would be encoded as U+FFFD, or name another file.
+    """
+    for n, arg in enumerate(argv, start=1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                raw = arg.encode("utf-8", "surrogateescape")  # the bytes as they were given
+            except UnicodeEncodeError:
+                raw = arg.encode("utf-8", "backslashreplace")  # a surrogate that did not come from bytes
+            return (f"minillm: error: argument {n} ({raw!r}) is not valid UTF-8; give text and file names in UTF-8 "
+                    "(set a UTF-8 locale, or rename the file)")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Subcommands
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -18,6 +130,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_corpus(args: argparse.Namespace) -> int:
+    inputs = input_paths(args.data)
+    if args.manifest is not None:  # checked before the corpus is read: fail fast
+        check_output_path(args.manifest, inputs, overwrite=args.force, what="manifest")
     corpus = load_corpus(args.data, text_field=args.text_field, errors=args.errors, val_fraction=args.val_fraction, progress=None)
     s = corpus.summary()
     print(f"corpus      {s['name']}")
@@ -30,75 +145,115 @@ def _cmd_corpus(args: argparse.Namespace) -> int:
         if not s[f"{split}_documents"]:
             print(f"note: the {split} split is empty; the split is by whole document, so give more than one "
                   "document (split a single large file into several) or change --val-fraction")
-    if args.manifest:
-        corpus.write_manifest(args.manifest)
+    if args.manifest is not None:
+        corpus.write_manifest(args.manifest, overwrite=args.force)
         print(f"manifest    {args.manifest}")
     return 0
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    import time
-
+    # The output is checked before the corpus is read and the tokenizer trained, not minutes later.
+    check_output_path(args.out, input_paths(args.data), overwrite=args.force, what="tokenizer file")
     corpus = load_corpus(args.data, text_field=args.text_field, errors=args.errors, val_fraction=args.val_fraction)
     pattern = PATTERNS.get(args.pattern, args.pattern)
     start = time.perf_counter()
     tok = train_bpe(corpus.split("train"), args.vocab_size, special_tokens=args.special or ["<|endoftext|>"],
                     pattern=pattern, num_proc=args.num_proc, progress=True)
-    tok.save(args.out)
+    tok.save(args.out, overwrite=args.force)
     print(f"trained {tok!r} on {corpus.name} (train split) in {time.perf_counter() - start:.1f} s; wrote {args.out}")
     return 0
 
 
 def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
     tok = Tokenizer.load(args.tokenizer)
-    if args.file:
-        with open(args.file, encoding="utf-8", newline="") as f:  # keep \r\n as it is in the file
-            ids = list(tok.encode_iterable(f, allowed_special="all" if args.allow_special else ()))
+    allowed = "all" if args.allow_special else ()
+    if args.file is not None:
+        ids = tok.encode_iterable(_read_utf8(args.file), allowed_special=allowed)
     else:
-        ids = tok.encode(args.text if args.text is not None else sys.stdin.read(), allowed_special="all" if args.allow_special else ())
+        ids = iter(tok.encode(args.text if args.text is not None else _read_stdin(), allowed_special=allowed))
     if args.count:
-        print(len(ids))
+        print(sum(1 for _ in ids))
     else:
-        print(" ".join(map(str, ids)))
+        # All ids first: an error half-way through (bad bytes in the file) must not leave half an output.
+        print(" ".join(map(str, list(ids))))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minillm", description="Build, train and use a small LLM.")
+    parser = _Parser(prog="minillm", description="Build, train and use a small LLM.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    # Also accepted after the subcommand; SUPPRESS keeps a subcommand from resetting the global value.
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("corpus", help="summarize a corpus: files, bytes, documents, split sizes")
+    p = sub.add_parser("corpus", parents=[common], help="summarize a corpus: files, bytes, documents, split sizes")
     _add_data_args(p)
     p.add_argument("--manifest", help="also write the manifest (name, size, sha256, split) to this TSV file")
+    p.add_argument("--force", action="store_true", help="replace an existing manifest")
     p.set_defaults(func=_cmd_corpus)
 
-    tp = sub.add_parser("tokenizer", help="train or apply a byte-level BPE tokenizer")
+    tp = sub.add_parser("tokenizer", parents=[common], help="train or apply a byte-level BPE tokenizer")
     tsub = tp.add_subparsers(dest="action", required=True)
-    p = tsub.add_parser("train", help="train a tokenizer on the train split of a corpus")
+    p = tsub.add_parser("train", parents=[common], help="train a tokenizer on the train split of a corpus")
     _add_data_args(p)
     p.add_argument("--vocab-size", type=int, required=True, help="bytes + merges + special tokens")
     p.add_argument("--pattern", default="gpt4", help="'gpt4' (default), 'gpt2', or a regex")
     p.add_argument("--special", action="append", help="a special token (repeat); default <|endoftext|>")
-    p.add_argument("--num-proc", type=int, default=None, help="processes for pre-tokenization (default: all cores)")
+    p.add_argument("--num-proc", type=int, default=None, help="processes for pre-tokenization (default and most: all cores)")
     p.add_argument("--out", required=True, help="file to write (minillm's text format)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_tokenizer_train)
-    p = tsub.add_parser("encode", help="print the token ids of a text, a file, or standard input")
+    p = tsub.add_parser("encode", parents=[common], help="print the token ids of a text, a file, or standard input")
     p.add_argument("--tokenizer", required=True, help="a file written by 'minillm tokenizer train'")
-    p.add_argument("--text", help="the text to encode (default: standard input)")
-    p.add_argument("--file", help="a UTF-8 file to encode, streamed")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--text", help="the text to encode (default: standard input)")
+    source.add_argument("--file", help="a UTF-8 file to encode, streamed")
     p.add_argument("--allow-special", action="store_true", help="encode special-token strings as special tokens")
     p.add_argument("--count", action="store_true", help="print only the number of tokens")
     p.set_defaults(func=_cmd_tokenizer_encode)
     return parser
 
 
+@contextlib.contextmanager
+def _warnings_as_notes(prog: str) -> Iterator[None]:
+    # A library warning (too many processes, a short vocabulary) is a note for the user: one line,
+    # without the file name and source line that Python's default format adds.
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        print(f"{prog}: note: {' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (CorpusError, TokenizerError, OSError) as e:
-        print(f"minillm {args.command}: error: {e}", file=sys.stderr)
+    """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    bad = _non_utf8_argument(argv)
+    if bad:
+        print(bad, file=sys.stderr)
         return 2
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
+    prog = " ".join(["minillm", args.command] + ([args.action] if getattr(args, "action", None) else []))
+    try:
+        with _warnings_as_notes(prog):
+            return args.func(args)
+    except KeyboardInterrupt:
+        return 130  # the shell shows ^C; outputs are written atomically, so nothing is left half-done
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {_describe(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"{prog}: internal error: {type(e).__name__}: {_describe(e)}. This is a bug: rerun with --debug "
+                  "to see the traceback, and report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
