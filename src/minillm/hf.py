@@ -165,7 +165,7 @@ def _checked_weights(cfg: ModelConfig, state: dict, dtype: torch.dtype | None) -
         raise ConfigError(f"the state dict must be a dict of tensors, got {type(state).__name__}")
     # Count the layers before building anything: num_hidden_layers comes from an untrusted file.
     layers = {int(m.group(1)) for name in state if (m := re.match(r"model\.layers\.(\d+)\.", str(name)))}
-    if layers != set(range(cfg.n_layers)):
+    if len(layers) != cfg.n_layers or layers != set(range(len(layers))):
         raise ConfigError(f"config.json says num_hidden_layers={cfg.n_layers} but the checkpoint holds {len(layers)} layers "
                           f"(indices {sorted(layers)[:3]}...{sorted(layers)[-1:]}); the config does not belong to these weights")
     pairs = _name_pairs(cfg.n_layers)
