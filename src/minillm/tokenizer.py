@@ -85,16 +85,43 @@ def _compile(pattern: str) -> regex.Pattern:
         raise TokenizerError(f"pre-tokenization pattern does not compile: {e} (pattern: {pattern!r})") from None
 
 
+def _pretokens(pat: regex.Pattern, text: str, check: bool = False) -> list[str]:
+    """The pre-tokens of `text`: the whole matches, as tiktoken takes them (`findall` would return
+    the groups of a pattern that has capturing groups).
+
+    With `check` (for custom patterns), they must cover `text` from start to end, in order; else a
+    TokenizerError names the first character the pattern leaves out, which would be lost.
+    """
+    if not check:
+        return pat.findall(text) if pat.groups == 0 else [m.group(0) for m in pat.finditer(text)]
+    out, pos = [], 0
+    for m in pat.finditer(text):
+        if m.start() != pos:
+            break
+        out.append(m.group(0))
+        pos = m.end()
+    if pos == len(text):
+        return out
+    raise TokenizerError(
+        f"the pre-tokenization pattern does not match every character: it skips {text[pos:pos + 1]!r} at {pos} "
+        f"of {text[:60]!r}{'...' if len(text) > 60 else ''} (pattern: {pat.pattern!r}), and text it skips would "
+        "be lost. Add a catch-all alternative such as '|\\s|.'"
+    )
+
+
 def _checked_pattern(pattern: str) -> regex.Pattern:
-    """Compile `pattern` and, unless it is a built-in one, check that it keeps every character of the probe."""
+    """Compile `pattern` and, unless it is a built-in one, check it on a probe text that holds every
+    kind of character: its matches must not be empty, and must cover the probe in order."""
     pat = _compile(pattern)
     if pattern not in PATTERNS.values():
-        pieces = pat.findall(_PROBE)
-        if sum(len(p) for p in pieces) != len(_PROBE):
-            raise TokenizerError(
-                f"the pre-tokenization pattern does not match every character (on {_PROBE!r} it keeps only "
-                f"{''.join(pieces)!r}); text it skips would be lost. Add a catch-all alternative such as '|\\s|.'"
-            )
+        if pat.flags & regex.REVERSE:
+            raise TokenizerError(f"the pre-tokenization pattern searches backwards ((?r), pattern: {pattern!r}); "
+                                 "remove the flag: pre-tokens must come in reading order")
+        if pat.search("") is not None or any(not m.group(0) for m in pat.finditer(_PROBE)):
+            # An empty pre-token is meaningless, and tiktoken's engine crashes on one.
+            raise TokenizerError(f"the pre-tokenization pattern can match the empty string (pattern: {pattern!r}); "
+                                 "make every alternative consume at least one character (+ rather than *)")
+        _pretokens(pat, _PROBE, check=True)
     return pat
 
 
@@ -116,7 +143,7 @@ def _count_chunk(args: tuple[list[str], str, list[str]]) -> Counter[bytes]:
     for text in texts:
         parts = splitter.split(text)[::2] if splitter else [text]  # even slots are the text between specials
         for part in parts:
-            counts.update(m.encode("utf-8") for m in pat.findall(part))
+            counts.update(m.encode("utf-8") for m in _pretokens(pat, part))
     return counts
 
 
@@ -501,6 +528,11 @@ class Tokenizer:
         self._newline_special_len = max((len(t) for t in self.special_tokens if "\n" in t), default=0)
         self._tiktoken = None  # built on first use by encode's fast path
         self._tiktoken_failed = False
+        # A custom pattern passed the probe, which cannot prove that it matches every character of
+        # every text; each encoding then checks that no byte went missing (see `_pretokens`, `_kept`).
+        self._custom_pattern = pattern not in PATTERNS.values()
+        self._token_lens = [len(self.vocab.get(i) or self.id_to_special[i]) for i in range(self.vocab_size)] \
+            if self._custom_pattern else []
 
     def _check_ids_are_dense(self) -> None:
         # Every consumer (embedding tables, tiktoken, the file format) assumes ids 0..vocab_size-1.
@@ -620,7 +652,7 @@ class Tokenizer:
         out: list[int] = []
         cache: dict[str, list[int]] = {}
         ranks = self.ranks
-        for m in self._pat.findall(_without_surrogates(text)):
+        for m in _pretokens(self._pat, _without_surrogates(text), check=self._custom_pattern):
             ids = cache.get(m)
             if ids is None:
                 piece = m.encode("utf-8")
@@ -628,6 +660,15 @@ class Tokenizer:
                 ids = cache[m] = [whole] if whole is not None else self._bpe(piece)
             out.extend(ids)
         return out
+
+    def _kept(self, text: str, ids: list[int]) -> list[int]:
+        """tiktoken's `ids` for `text`, after checking (for custom patterns only) that they stand for
+        every byte of it: its engine matches in order, but silently skips what the pattern misses."""
+        if not self._custom_pattern or sum(map(self._token_lens.__getitem__, ids)) == len(text.encode("utf-8", "surrogatepass")):
+            return ids
+        _pretokens(self._pat, _without_surrogates(text), check=True)  # names the character, as `regex` sees it
+        raise TokenizerError(f"the pre-tokenization pattern does not match every character of {text[:60]!r} "
+                             f"(pattern: {self.pattern!r}), and text it skips would be lost. Add a catch-all alternative such as '|\\s|.'")
 
     def encode_python(self, text: str, allowed_special: SpecialPolicy = ()) -> list[int]:
         """The pure-Python encoder: the reference that the tiktoken fast path must equal."""
@@ -642,7 +683,9 @@ class Tokenizer:
                 if enc.encode_ordinary(_PROBE) != self._encode_ordinary_python(_PROBE):
                     raise TokenizerError("tiktoken splits the probe text differently")
                 self._tiktoken = enc
-            except Exception as e:
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 -- tiktoken's Rust code panics (a BaseException) on some patterns
                 warnings.warn(f"encoding with the pure-Python path: tiktoken cannot serve this pattern ({e})", stacklevel=3)
                 self._tiktoken_failed = True
         return self._tiktoken
@@ -654,7 +697,7 @@ class Tokenizer:
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of `text`, reading special-token strings as plain text."""
         enc = self._fast()
-        return enc.encode_ordinary(text) if enc is not None else self._encode_ordinary_python(text)
+        return self._kept(text, enc.encode_ordinary(text)) if enc is not None else self._encode_ordinary_python(text)
 
     def encode_batch(self, texts: Sequence[str], allowed_special: SpecialPolicy = (), num_threads: int = 8) -> list[list[int]]:
         """`encode` over many texts; tiktoken spreads the ordinary text over threads."""
@@ -667,7 +710,7 @@ class Tokenizer:
                 raise TokenizerError(f"text {n}: {e}") from None
         pieces = [p for cut in cuts for p in cut if isinstance(p, str)]
         enc = self._fast()
-        encoded = iter(enc.encode_ordinary_batch(pieces, num_threads=num_threads) if enc is not None
+        encoded = iter(map(self._kept, pieces, enc.encode_ordinary_batch(pieces, num_threads=num_threads)) if enc is not None
                        else [self._encode_ordinary_python(p) for p in pieces])
         out = []
         for cut in cuts:
