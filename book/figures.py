@@ -72,7 +72,7 @@ def main() -> int:
     FIGURES.mkdir(exist_ok=True)
     for name, draw in FIGURE_FUNCTIONS.items():
         fig = draw()
-        fig.savefig(FIGURES / name, dpi=150, metadata={"Software": None})
+        fig.savefig(FIGURES / name, dpi=200, metadata={"Software": None})
         plt.close(fig)
         print(f"wrote figures/{name}")
     return 0

@@ -1,56 +1,41 @@
--- Pandoc filter for the book: turns notebook cells into plain book blocks for the typst writer.
+-- Pandoc filter for the book (markdown written by book/build.py -> typst).
 --
--- * Markdown cells arrive wrapped in Div("cell markdown"); pandoc's typst writer would emit each
---   as #block[...], and a chapter's page break inside such a block fails. We unwrap them.
--- * Code cells keep their source (a python code block) and their outputs (plain code blocks,
---   which the template styles as output) but lose the wrapping blocks.
--- * Header identifiers repeat across chapters ("exercises"), so we drop them: typst labels must
---   be unique only where referenced, and nothing references them.
--- * Images get a width so that a figure never runs off the page.
--- * A few LaTeX constructs that pandoc's typst math writer renders badly are rewritten.
-
-local function unwrap(div)
-  if div.classes:includes("cell") or div.classes:includes("output") then
-    return div.content
-  end
-end
+-- * Header identifiers repeat across chapters ("exercises"), and typst labels must be unique, so
+--   they are dropped: the book refers to figures, never to headings, by label.
+-- * Math is converted here, one formula at a time, so that what pandoc's typst writer prints
+--   badly can be repaired precisely; book/build.py lints the result.
 
 function Header(h)
   h.identifier = ""
   return h
 end
 
-function Image(img)
-  if not img.attributes.width then
-    img.attributes.width = "80%"
+-- LaTeX that the writer mishandles, rewritten before it converts the formula.
+local function clean_tex(t)
+  -- \mathrm{softmax} becomes upright(s o f t m a x) (spaced letters); \operatorname gives a name.
+  t = t:gsub("\\mathrm{(%a%a+)}", "\\operatorname{%1}")
+  -- \! (a negative thin space) comes out as #h(-1em), which prints over its neighbours.
+  t = t:gsub("\\!", "")
+  -- \big( and friends come out with stray space; typst sizes delimiters by itself.
+  t = t:gsub("\\[bB]igg?[lr]?(%A)", "%1")
+  return t
+end
+
+-- Typst that the writer prints badly, repaired after it converts the formula.
+local function fix_typst(s)
+  -- An operator name comes out as a bare string, which typst sets as text followed by a space
+  -- ("softmax (z)"); as op("softmax") it is an operator ("softmax(z)").
+  s = (" " .. s):gsub('([^%w%.%(])"(%a%w*)"', '%1op("%2")'):sub(2)
+  -- cases() loses the gap between a value and its condition.
+  if s:find("cases%(") then
+    s = s:gsub(" & ", " & quad ")
   end
-  return img
+  return s
 end
 
 function Math(m)
-  -- \mathrm{softmax} becomes upright(s o f t m a x) (spaced letters); \operatorname gives op("...").
-  m.text = m.text:gsub("\\mathrm{(%a%a+)}", "\\operatorname{%1}")
-  return m
+  local tex = clean_tex(m.text)
+  local doc = pandoc.Pandoc({ pandoc.Plain({ pandoc.Math(m.mathtype, tex) }) })
+  local typ = pandoc.write(doc, "typst"):gsub("%s+$", "")
+  return pandoc.RawInline("typst", fix_typst(typ))
 end
-
--- The build marks each chapter's start with <!-- minillm-chapter: N -->; the template numbers
--- chapters from this counter (see template.typ).
-function RawBlock(raw)
-  local n = raw.text:match("^<!%-%- minillm%-chapter: (%d+) %-%->$")
-  if n then
-    return pandoc.RawBlock("typst", "#counter(heading).update(" .. n .. ")")
-  end
-end
-
-function Para(p)
-  -- A paragraph that holds only an image is a figure: center it on its own line.
-  if #p.content == 1 and p.content[1].t == "Image" then
-    return { pandoc.RawBlock("typst", "#align(center)["), p, pandoc.RawBlock("typst", "]") }
-  end
-end
-
-return {
-  { Math = Math, Image = Image, Header = Header },
-  { Para = Para, RawBlock = RawBlock },
-  { Div = unwrap },
-}

@@ -1,9 +1,15 @@
-"""The PDF build: it runs from the stored notebooks and yields a book a reader can use."""
+"""The PDF build: it runs from the stored notebooks and yields books a reader can use.
+
+The slow tests build the three PDFs once (book, solutions, exercises) and read them back; the fast
+ones check the pieces of the build (output wrapping, citations, figure captions, the typst lint).
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,22 +20,26 @@ pypdf = pytest.importorskip("pypdf")  # in the dev extra, so this always runs un
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = ROOT / "chapters"
+NOTEBOOKS = sorted(CHAPTERS.glob("[0-9][0-9]_*.ipynb"))
+SOLUTIONS = sorted((CHAPTERS / "solutions").glob("[0-9][0-9]_*.ipynb"))
+sys.path.insert(0, str(ROOT / "book"))
+import build  # noqa: E402
 
 
-def _figures_in(notebooks: list[Path]) -> int:
+def _code_lines(path: Path) -> list[str]:
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    return [line for c in nb["cells"] if c["cell_type"] == "code" for line in "".join(c["source"]).splitlines()]
+
+
+def _figure_outputs(path: Path) -> int:
+    nb = json.loads(path.read_text(encoding="utf-8"))
     n = 0
-    for p in notebooks:
-        nb = json.loads(p.read_text(encoding="utf-8"))
-        for c in nb["cells"]:
-            if c["cell_type"] == "markdown":
-                n += len(re.findall(r"!\[[^\]]*\]\(", "".join(c["source"])))
-            for o in c.get("outputs", []):
-                n += "image/png" in o.get("data", {})
+    for c in nb["cells"]:
+        if c["cell_type"] == "markdown":
+            n += len(re.findall(r"^!\[[^\]]*\]\(", "".join(c["source"]), re.MULTILINE))
+        for o in c.get("outputs", []):
+            n += "image/png" in o.get("data", {})
     return n
-
-
-def _images_in(reader) -> int:
-    return sum(len(page.images) for page in reader.pages)
 
 
 @pytest.fixture(scope="module")
@@ -39,71 +49,233 @@ def built(tmp_path_factory):
     return out
 
 
+def _text(reader) -> str:
+    return "\n".join(page.extract_text() for page in reader.pages)
+
+
+# -- the built books ------------------------------------------------------------------------------
+
+
 @pytest.mark.slow
-def test_book_pdf(built):
-    chapters = sorted(CHAPTERS.glob("[0-9][0-9]_*.ipynb"))
+def test_book_pdf_structure(built):
     reader = pypdf.PdfReader(built / "book.pdf")
-    # One top-level outline entry per chapter (plus the table of contents itself, if listed).
-    top = [item for item in reader.outline if not isinstance(item, list)]
-    titles = [item.title for item in top]
-    chapter_titles = [t for t in titles if t != "Contents"]
-    assert len(chapter_titles) == len(chapters), titles
+    titles = [item.title for item in reader.outline if not isinstance(item, list)]
+    front_back = {"Contents", "List of figures", "Preface", "Bibliography"}
+    assert front_back <= set(titles), titles
+    chapter_titles = [t for t in titles if t not in front_back]
     first_headings = []
-    for p in chapters:
+    for p in NOTEBOOKS:
         nb = json.loads(p.read_text(encoding="utf-8"))
-        first = next(line for c in nb["cells"] if c["cell_type"] == "markdown" for line in "".join(c["source"]).splitlines() if line.startswith("# "))
+        first = next(line for c in nb["cells"] if c["cell_type"] == "markdown"
+                     for line in "".join(c["source"]).splitlines() if line.startswith("# "))
         first_headings.append(first[2:].strip())
-    assert [t.split(" ", 2)[-1] if t.startswith("Chapter") else t for t in chapter_titles] == first_headings
-    # Every figure of every chapter is embedded.
-    assert _images_in(reader) >= _figures_in(chapters)
-    # A plausible length: title page, contents, and several pages per chapter.
-    assert 8 * len(chapters) <= len(reader.pages) <= 80 * len(chapters)
-    text = reader.pages[2].extract_text() + reader.pages[3].extract_text()
-    assert "minillm" in text  # running header
+    assert [t.split(" ", 2)[-1] for t in chapter_titles] == first_headings
+    assert all(t.startswith(f"Chapter {i} ") for i, t in enumerate(chapter_titles))
+    assert 8 * len(NOTEBOOKS) <= len(reader.pages) <= 80 * len(NOTEBOOKS)
+    text = _text(reader)
+    # The title page: authors, version, licence, and the date of the last commit (not 1970).
+    first_page = reader.pages[0].extract_text()
+    assert build.AUTHORS in first_page and f"Version {build.project_version()}" in first_page
+    assert "licence" in first_page
+    epoch = build.source_date_epoch()
+    date = dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
+    assert f"{date.day} {date:%B %Y}" in first_page
+    assert reader.metadata.creation_date.year == date.year >= 2025
+    assert "minillm" in reader.pages[4].extract_text()  # running header
+    # The learning-goals box opens every chapter.
+    assert text.count("You will build") >= len(NOTEBOOKS)
 
 
 @pytest.mark.slow
-def test_solutions_pdf(built):
-    solutions = sorted((CHAPTERS / "solutions").glob("[0-9][0-9]_*.ipynb"))
-    reader = pypdf.PdfReader(built / "solutions.pdf")
-    assert len([i for i in reader.outline if not isinstance(i, list) and i.title != "Contents"]) == len(solutions)
-    body = "".join(page.extract_text() for page in reader.pages)
-    assert "BEGIN SOLUTION" in body and "Exercise 1" in body
+def test_every_figure_is_embedded_numbered_and_captioned(built):
+    reader = pypdf.PdfReader(built / "book.pdf")
+    expected = sum(_figure_outputs(p) for p in NOTEBOOKS)
+    assert sum(len(page.images) for page in reader.pages) >= expected
+    typ = (built / "book.typ").read_text(encoding="utf-8")
+    figures = re.findall(r"#figure\(image\(\"[^\"]+\".*?caption: \[\s*(.*?)\s*\]\s*\)\s*<(fig-\d+-\d+)>", typ, re.DOTALL)
+    assert len(figures) == expected
+    assert all(caption.strip() for caption, _ in figures)
+    text = re.sub(r"\s+", " ", _text(reader))
+    for _, label in figures:
+        chapter, k = label.split("-")[1:]
+        # Each number appears twice at least: in the list of figures and under the figure.
+        assert text.count(f"Figure {chapter}.{k}") >= 2, label
+
+
+@pytest.mark.slow
+def test_bibliography_resolves_every_citation(built):
+    typ = (built / "book.typ").read_text(encoding="utf-8")
+    cited = set(re.findall(r"#cite\(<([\w-]+)>", typ))
+    bib = build.Bibliography.load()
+    assert cited and cited <= set(bib.keys.values())
+    text = re.sub(r"\s+", " ", _text(pypdf.PdfReader(built / "book.pdf")))
+    assert "Attention Is All You Need" in text and "Bibliography" in text
+    # No author-year citation was left unlinked in the prose.
+    md = (built / "book.md").read_text(encoding="utf-8")
+    prose = re.sub(r"(`+)[\s\S]*?\1", "", md)
+    assert not re.findall(r"[A-Z]\w+ et al\.,? \(?\d{4}", prose)
+
+
+@pytest.mark.slow
+def test_solutions_and_exercises_pdfs(built):
+    solutions = _text(pypdf.PdfReader(built / "solutions.pdf"))
+    assert "BEGIN SOLUTION" in solutions and "Exercise 1" in solutions
+    exercises = _text(pypdf.PdfReader(built / "exercises.pdf"))
+    assert "NotImplementedError" in exercises and "Exercise 1" in exercises
+    assert "BEGIN SOLUTION" not in exercises and "END SOLUTION" not in exercises
+    for stem in ("solutions", "exercises"):
+        reader = pypdf.PdfReader(built / f"{stem}.pdf")
+        assert len([i for i in reader.outline if not isinstance(i, list) and i.title.startswith("Chapter")]) == len(SOLUTIONS)
 
 
 @pytest.mark.slow
 def test_build_is_deterministic(built, tmp_path):
     subprocess.run([sys.executable, str(ROOT / "book" / "build.py"), "--out", str(tmp_path)], check=True, cwd=ROOT)
-    assert (tmp_path / "book.pdf").read_bytes() == (built / "book.pdf").read_bytes()
+    for stem in ("book", "solutions", "exercises"):
+        assert (tmp_path / f"{stem}.pdf").read_bytes() == (built / f"{stem}.pdf").read_bytes(), stem
 
 
 @pytest.mark.slow
 def test_single_chapter_build(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "book" / "build.py"), "--chapter", "0", "--out", str(tmp_path)], check=True, cwd=ROOT)
     reader = pypdf.PdfReader(tmp_path / "book-00.pdf")
-    assert len([i for i in reader.outline if not isinstance(i, list) and i.title != "Contents"]) == 1
+    assert len([i for i in reader.outline if not isinstance(i, list) and i.title.startswith("Chapter")]) == 1
+    assert (tmp_path / "exercises-00.pdf").is_file() and (tmp_path / "solutions-00.pdf").is_file()
 
 
-def test_merge_rebases_images_and_strips_harness_lines(tmp_path):
-    sys.path.insert(0, str(ROOT / "book"))
-    import build
+@pytest.mark.slow
+def test_generated_typst_is_clean(built):
+    for stem in ("book", "solutions", "exercises"):
+        assert build.lint_typst((built / f"{stem}.typ").read_text(encoding="utf-8")) == []
 
-    nb = {
-        "nbformat": 4, "nbformat_minor": 5, "metadata": {},
-        "cells": [
-            {"cell_type": "markdown", "id": "a", "metadata": {}, "source": "# T\n\n![map](../figures/x.png)"},
-            {"cell_type": "code", "id": "b", "metadata": {}, "execution_count": 1, "outputs": [], "source": "# NBVAL_IGNORE_OUTPUT\nprint(1)"},
-        ],
-    }
-    chapters = tmp_path / "chapters"
-    chapters.mkdir()
-    p = chapters / "03_x.ipynb"
-    p.write_text(json.dumps(nb), encoding="utf-8")
-    (tmp_path / "figures").mkdir()
-    (tmp_path / "figures" / "x.png").write_bytes(b"png")
-    merged = build.merge([(3, p)], tmp_path / "out")
-    sources = [c["source"] for c in merged["cells"]]
-    assert sources[0] == "<!-- minillm-chapter: 3 -->"
-    assert "](assets/x.png)" in sources[1] and (tmp_path / "out" / "assets" / "x.png").read_bytes() == b"png"
-    assert sources[2] == "print(1)"
-    assert all("id" not in c for c in merged["cells"])
+
+# -- the notebooks fit the page -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda p: p.relative_to(CHAPTERS).as_posix())
+def test_code_fits_the_page(path):
+    long = [line for line in _code_lines(path) if len(line) > build.CODE_COLUMNS]
+    assert not long, f"{path.name}: {len(long)} code lines over {build.CODE_COLUMNS} columns, e.g. {long[0]!r}"
+
+
+def test_notebook_code_is_ruff_formatted():
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is in the dev extra; install it to check the formatting")
+    result = subprocess.run([ruff, "format", "--check", "chapters"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, "run `ruff format chapters`:\n" + result.stdout + result.stderr
+
+
+# -- pieces of the build --------------------------------------------------------------------------
+
+
+def test_wrap_output_marks_continuations_and_keeps_the_text():
+    line = "    " + ", ".join(f"item{i}" for i in range(40))
+    wrapped = build.wrap_output(line, width=60)
+    rows = wrapped.split("\n")
+    assert len(rows) > 1 and all(len(r) <= 60 for r in rows)
+    assert all(r.startswith("    " + build.CONTINUATION) for r in rows[1:])  # hanging indent
+    rebuilt = rows[0] + "".join(" " + r.strip()[len(build.CONTINUATION.strip()):].strip() for r in rows[1:])
+    assert rebuilt.split() == line.split()
+    assert build.wrap_output("short\nlines", width=60) == "short\nlines"
+    assert all(len(r) <= 30 for r in build.wrap_output("x" * 100, width=30).split("\n"))
+
+
+def test_citations_link_to_the_bibliography_and_unknown_ones_fail():
+    bib = build.Bibliography.load()
+    text = "as Vaswani et al. (2017) showed, and later (MQA, Shazeer, 2019); Python 3.11 (2022) too"
+    out = build._cite(text, bib, "test")
+    assert '#cite(<vaswani2017>, form: "prose")' in out
+    assert '(MQA, `#cite(<shazeer2019>, form: "author"), #cite(<shazeer2019>, form: "year")`{=typst})' in out
+    assert "Python 3.11 (2022)" in out
+    with pytest.raises(SystemExit, match=r"Nobody \(2031\) has no entry"):
+        build._cite("as Nobody et al. (2031) claim", bib, "test")
+
+
+def _tiny_notebook(tmp_path: Path, cells: list[dict], name: str = "07_tiny.ipynb") -> Path:
+    nb = {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": cells}
+    path = tmp_path / name
+    path.write_text(json.dumps(nb), encoding="utf-8")
+    return path
+
+
+def _png(width_px: int, dpi: int) -> str:
+    import base64
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(width_px / dpi, 1))
+    ax.plot([0, 1])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _code(src: str, outputs=(), tags=()) -> dict:
+    return {"cell_type": "code", "metadata": {"tags": list(tags)}, "execution_count": 1, "outputs": list(outputs), "source": src}
+
+
+def _md(src: str) -> dict:
+    return {"cell_type": "markdown", "metadata": {}, "source": src}
+
+
+def test_figures_need_numbered_captions_and_hidden_code_is_dropped(tmp_path):
+    image = {"output_type": "display_data", "data": {"image/png": _png(600, 200), "text/plain": "<Figure>"}, "metadata": {}}
+    renderer = build.Renderer(tmp_path, "media", build.Bibliography.load())
+    good = _tiny_notebook(tmp_path, [
+        _md("# Tiny\n\nFigure 7.1 shows a line."),
+        _code("# NBVAL_IGNORE_OUTPUT\nplot_the_line()", [image], tags=["hide-input"]),
+        _md("**Figure 7.1.** A line, rising.\n\nMore prose."),
+        _code("print(1)", [{"output_type": "stream", "name": "stdout", "text": "a\n"},
+                           {"output_type": "stream", "name": "stdout", "text": "b\n"}]),
+    ])
+    chapter = renderer.notebook(7, good)
+    renderer.link_prose([chapter])
+    assert "plot_the_line" not in chapter.markdown and "NBVAL" not in chapter.markdown
+    assert "{#fig-7-1 width=3.00in}" in chapter.markdown and "![A line, rising.]" in chapter.markdown
+    assert "[Figure 7.1](#fig-7-1)" in chapter.markdown
+    assert "```\na\nb\n```" in chapter.markdown  # consecutive prints in one box
+    no_caption = _tiny_notebook(tmp_path, [_code("plot()", [image]), _md("Just prose.")], "07_a.ipynb")
+    with pytest.raises(SystemExit, match="needs a caption"):
+        renderer.notebook(7, no_caption)
+    wrong_number = _tiny_notebook(tmp_path, [_code("plot()", [image]), _md("**Figure 7.2.** Off by one.")], "07_b.ipynb")
+    with pytest.raises(SystemExit, match="says Figure 7.2"):
+        renderer.notebook(7, wrong_number)
+    low = {"output_type": "display_data", "data": {"image/png": _png(600, 100)}, "metadata": {}}
+    blurry = _tiny_notebook(tmp_path, [_code("plot()", [low]), _md("**Figure 7.1.** Blurry.")], "07_c.ipynb")
+    with pytest.raises(SystemExit, match="100 dpi"):
+        renderer.notebook(7, blurry)
+    noisy = _tiny_notebook(tmp_path, [_code("torch.manual_seed(0)", [{"output_type": "execute_result", "data": {"text/plain": "<torch._C.Generator at 0x7f00aa>"}, "metadata": {}}])], "07_d.ipynb")
+    with pytest.raises(SystemExit, match="Generator"):
+        renderer.notebook(7, noisy)
+    dangling = _tiny_notebook(tmp_path, [_md("# T\n\nAs Figure 7.4 shows.")], "07_e.ipynb")
+    chapter = renderer.notebook(7, dangling)
+    with pytest.raises(SystemExit, match="Figure 7.4, which does not exist"):
+        renderer.link_prose([chapter])
+
+
+def test_lint_catches_what_printed_badly():
+    bad = [
+        '$ "Attention" \\( Q \\) = "softmax" #h(-1em) (frac(a, b)) $',
+        '$ "LayerNorm" \\( x \\) $',
+        "$ a dot.circle b $",
+    ]
+    for text in bad:
+        assert build.lint_typst(text), text
+    assert build.lint_typst('$ op("softmax") \\( z \\) $ and ```python\nprint("x" \\( 1)\n```') == []
+    assert build.fix_typst("$ a dot.circle b $") == "$ a dot.o b $"
+
+
+@pytest.mark.slow
+def test_a_missing_glyph_fails_the_build(tmp_path, monkeypatch):
+    nb = _tiny_notebook(tmp_path, [_md("# A chapter\n\nA character no font here has: \U00012000.")], "00_x.ipynb")
+    with pytest.raises(SystemExit, match="typst warned"):
+        build.build_document([(0, nb)], tmp_path / "out", "x", "test")
+    ok = _tiny_notebook(tmp_path, [_md("# A chapter\n\n日本語, an emoji 😀, arrows → ↪ and Greek αβγ.")], "00_y.ipynb")
+    pdf = build.build_document([(0, ok)], tmp_path / "out", "y", "test")
+    assert "日本語" in pypdf.PdfReader(pdf).pages[-1].extract_text()
