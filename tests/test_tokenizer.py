@@ -6,6 +6,7 @@ in tests/test_tokenizer_properties.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -454,13 +455,9 @@ def test_streaming_equals_whole_text_with_awkward_special_tokens(parts, cuts, bl
         assert list(tok.encode_iterable(pieces, block_chars=block)) == expected
 
 
-_AWKWARD = []
-
-
+@functools.cache
 def _awkward_tok():
-    if not _AWKWARD:
-        _AWKWARD.append(_tok_with_specials((EOT, EOT + EOT, "<|x\ny|>")))
-    return _AWKWARD[0]
+    return _tok_with_specials((EOT, EOT + EOT, "<|x\ny|>"))
 
 
 # -- the encoder: tiktoken's rule, in n log n --------------------------------------------------------------
