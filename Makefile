@@ -35,7 +35,7 @@ test-fast: $(STAMP)  ## unit tests only, skipping the slow PDF and notebook chec
 corpus: $(STAMP)  ## summarize the built-in corpus
 	$(PY) -m minillm corpus
 
-pdf: $(STAMP)  ## build/book.pdf and build/solutions.pdf from the stored notebooks (CHAPTER=04 for one)
+pdf: $(STAMP)  ## build/book.pdf, solutions.pdf and exercises.pdf from the stored notebooks (CHAPTER=04 for one)
 	$(PY) book/build.py $(if $(CHAPTER),--chapter $(CHAPTER))
 
 student: $(STAMP)  ## write build/student/: the chapters, and exercise notebooks with the solutions stripped

@@ -52,6 +52,8 @@ CODE_COLUMNS = 88
 OUTPUT_COLUMNS = 90
 CONTINUATION = "\u21aa "  # ↪ at the start of a wrapped output line
 MIN_DPI = 200
+TEXT_INCHES = 6.4  # the text width of an A4 page with the template's margins
+MAX_FIGURE_INCHES = 7.5  # wider figures would be shrunk below 85%: their text would be too small
 
 _NB_NAME = re.compile(r"^(\d\d)_.*\.ipynb$")
 _HARNESS_LINE = re.compile(r"^\s*#\s*NBVAL_\w+.*\n?", re.MULTILINE)  # steers the tests, not the reader
@@ -259,7 +261,10 @@ class Renderer:
     def figure(self, number: int, k: int, caption: str, src: str, width_in: float, where: str) -> str:
         if not caption.strip():
             raise BuildError(f"{where}: figure {number}.{k} has no caption")
-        width = f"{min(width_in, 6.4):.2f}in"
+        if width_in > MAX_FIGURE_INCHES:
+            raise BuildError(f"{where}: figure {number}.{k} is {width_in:.1f} in wide; the page takes {MAX_FIGURE_INCHES} "
+                             "(set a smaller figsize, so that its text stays readable)")
+        width = f"{min(width_in, TEXT_INCHES):.2f}in"  # a little wider than the text is scaled down
         caption = " ".join(caption.split())
         return f"![{caption}]({src}){{#fig-{number}-{k} width={width}}}"
 
@@ -463,11 +468,16 @@ def build_document(
     if preface and PREFACE.is_file():
         parts.append(_rewrite_prose(PREFACE.read_text(encoding="utf-8"), lambda t: _cite(t, bib, "book/preface.md")))
     parts += [ch.markdown for ch in rendered]
+    shutil.copyfile(BOOK / "fonts.typ", out_dir / "fonts.typ")
     if bib.cited:
         shutil.copyfile(BIBLIOGRAPHY, out_dir / BIBLIOGRAPHY.name)
         parts.append(f'```{{=typst}}\n#book-bibliography("{BIBLIOGRAPHY.name}")\n```')
     md_path = out_dir / f"{stem}.md"
     md_path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    missing = missing_glyphs(md_path.read_text(encoding="utf-8"), out_dir)
+    if missing:
+        raise BuildError(f"{md_path.name}: no font of the book draws {', '.join(missing[:10])}; they would "
+                         "print as boxes (use another character, or add a font to book/fonts.typ and the book extra)")
 
     epoch = source_date_epoch()
     date = dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
@@ -500,6 +510,40 @@ def build_document(
     tmp.write_bytes(pdf)
     os.replace(tmp, pdf_path)
     return pdf_path
+
+
+def missing_glyphs(text: str, out_dir: Path) -> list[str]:
+    """The characters of `text` that no font of the book can draw (typst would print a box).
+
+    typst warns about an unknown font family but draws a missing glyph silently, so each
+    character outside ASCII is set alone on a tiny page, in the prose fonts and in the code
+    fonts, and compared with the box typst draws for a character no font has.
+    """
+    chars = sorted({c for c in text if ord(c) > 126 and c.isprintable() and not c.isspace()})
+    shutil.copyfile(BOOK / "fonts.typ", out_dir / "fonts.typ")
+    probe = out_dir / ".glyph-probe.typ"
+    nowhere = "\U0010fffd"  # a private-use code point that no font here draws
+    pages = [nowhere] + chars
+    body = "\n#pagebreak()\n".join(
+        f'#text(font: text-fonts)[{_typst_char(c)}]\n#pagebreak()\n#text(font: mono-fonts)[{_typst_char(c)}]' for c in pages
+    )
+    probe.write_text('#import "fonts.typ": text-fonts, mono-fonts\n#set page(width: 16pt, height: 16pt, margin: 2pt)\n'
+                     + body + "\n", encoding="utf-8")
+    try:
+        images = typst.compile(str(probe), root=str(out_dir), font_paths=font_paths(), ignore_system_fonts=True,
+                               format="png", ppi=72)
+    finally:
+        probe.unlink()
+    box_text, box_mono = images[0], images[1]
+    missing = []
+    for i, c in enumerate(chars):
+        if images[2 + 2 * i] == box_text or images[3 + 2 * i] == box_mono:
+            missing.append(f"{c!r} (U+{ord(c):04X})")
+    return missing
+
+
+def _typst_char(c: str) -> str:
+    return f'#str.from-unicode({ord(c)})'
 
 
 def font_paths() -> list[str]:

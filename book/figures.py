@@ -35,7 +35,7 @@ PART_COLORS = {"Text": "#dbe9f6", "The model": "#e3f1dc", "Training": "#fbe5d0"}
 
 def draw_chapter_map() -> plt.Figure:
     """The chapters top to bottom, each with the module it finishes, grouped into three parts."""
-    fig, ax = plt.subplots(figsize=(7.5, 8.2))
+    fig, ax = plt.subplots(figsize=(7.2, 7.9))
     ax.set_xlim(0, 10.4)
     ax.set_ylim(-0.6, len(CHAPTERS) * 1.0 + 0.2)
     ax.axis("off")
