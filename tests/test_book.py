@@ -291,3 +291,13 @@ def test_no_page_is_a_runt(built):
         for number, page in enumerate(reader.pages[1:], start=2):
             lines = [line for line in page.extract_text().splitlines() if line.strip()]
             assert len(lines) >= 4, f"{stem}.pdf page {number} holds only {lines}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda p: p.relative_to(CHAPTERS).as_posix())
+def test_headings_have_no_math(path):
+    # PDF bookmarks are plain text: "$1/\sqrt{d_k}$" in a heading becomes "1 / dk" there.
+    # Write such headings with Unicode (1/√dₖ) instead.
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    headings = [line for c in nb["cells"] if c["cell_type"] == "markdown"
+                for line in "".join(c["source"]).splitlines() if line.startswith("#")]
+    assert not [h for h in headings if "$" in h]
