@@ -179,6 +179,23 @@ def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from minillm.data import DataError, TokenShard, prepare  # imported here: it brings torch, which other commands skip
+
+    tok = Tokenizer.load(args.tokenizer)
+    try:
+        paths = prepare(args.data, tok, args.out, val_fraction=args.val_fraction, num_proc=args.num_proc, progress=None,
+                        overwrite=args.force, text_field=args.text_field, errors=args.errors)
+        for split, path in paths.items():
+            shard = TokenShard.open(path)
+            n, size = len(shard), shard.num_bytes
+            print(f"{split:<5} {n:>12,} tokens {size:>12,} bytes  {size / n:.2f} bytes/token  "
+                  f"{shard.header['documents']:,} documents  -> {path}")
+    except DataError as e:  # a user error, like the others this command reports with exit status 2
+        raise CommandError(str(e)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minillm", description="Build, train and use a small LLM.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
@@ -212,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-special", action="store_true", help="encode special-token strings as special tokens")
     p.add_argument("--count", action="store_true", help="print only the number of tokens")
     p.set_defaults(func=_cmd_tokenizer_encode)
+
+    p = sub.add_parser("prepare", parents=[common], help="encode a corpus into token shards (train.bin, val.bin) for pretraining")
+    p.add_argument("--tokenizer", required=True, help="a file written by 'minillm tokenizer train'")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="folder for train.bin and val.bin (created if missing)")
+    p.add_argument("--num-proc", type=int, default=None, help="processes that encode (default and most: all cores)")
+    p.add_argument("--force", action="store_true", help="replace existing shards")
+    p.set_defaults(func=_cmd_prepare)
     return parser
 
 
