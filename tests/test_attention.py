@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillm.attention import AttentionError, CausalSelfAttention, KVCache, causal_mask, scaled_dot_product
+from minillm.attention import AttentionError, CausalSelfAttention, KVCache, attention_mask_for, causal_mask, scaled_dot_product
 
 torch.manual_seed(0)
 
@@ -188,3 +188,71 @@ def test_cache_dtype_follows_autocast_then_the_weights():
     assert y.dtype == torch.bfloat16 and cache.pos == 3
     assert attn.new_cache(1, 4, dtype=torch.float16).v.dtype == torch.float16
     assert attn.double().new_cache(1, 4).k.dtype == torch.float64
+
+
+# -- rows that differ: padding masks, block masks and per-token positions ------------------------------
+
+
+def test_attention_mask_for_a_padding_mask_is_causal_and_lets_pad_queries_see_themselves():
+    pad = torch.tensor([[False, False, True, True], [True, True, True, True]])  # row 0: two pads on the left
+    m = attention_mask_for(pad, 4, 4)
+    assert m.shape == (2, 1, 4, 4)
+    assert m[0, 0].int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    assert torch.equal(m[1, 0], causal_mask(4, 4))
+    # 0/1 integers (Hugging Face's convention) mean the same; two new queries after two cached keys:
+    assert torch.equal(attention_mask_for(pad.long(), 4, 4), m)
+    assert attention_mask_for(pad, 2, 4)[0, 0].int().tolist() == [[0, 0, 1, 0], [0, 0, 1, 1]]
+
+
+def test_attention_mask_for_a_block_mask_keeps_documents_apart_and_stays_causal():
+    doc = torch.tensor([0, 0, 1, 1, 1])
+    same = (doc[:, None] == doc[None, :])[None]  # (1, T, S): not causal by itself
+    m = attention_mask_for(same, 5, 5)
+    assert m[0, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
+    assert torch.equal(attention_mask_for(same[:, None], 5, 5), m)  # (B, 1, T, S) too
+
+
+@pytest.mark.parametrize("mask, match", [
+    (torch.ones(2, 5), r"padding mask \(bool or 0/1"),  # float
+    (torch.ones(2, 4, dtype=torch.bool), r"\(batch, 5\) padding mask"),  # wrong S
+    (torch.ones(2, 3, 4, dtype=torch.bool), r"boolean \(batch, 3, 5\)"),
+    (torch.ones(2, 2, 3, 5, dtype=torch.bool), r"\(batch, 1, 3, 5\) mask, got torch.bool of shape \(2, 2, 3, 5\)"),
+    ([[1, 1]], "attention_mask must be a tensor, got list"),
+])
+def test_attention_mask_for_refuses_what_it_cannot_read(mask, match):
+    with pytest.raises(AttentionError, match=match):
+        attention_mask_for(mask, 3, 5)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_a_padding_mask_hides_the_pad_keys_on_both_paths(heads, kv_heads):
+    attn = CausalSelfAttention(32, heads, kv_heads).eval()
+    x = torch.randn(2, 7, 32)
+    real = torch.ones(2, 7, dtype=torch.bool)
+    real[0, :3] = False
+    y = attn(x, attention_mask=real)
+    y_explicit, w = attn(x, need_weights=True, attention_mask=real)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y_explicit, atol=1e-6, rtol=1e-5)
+    assert (w[0, :, 3:, :3] == 0).all()  # real queries give pads no weight
+    # The real tokens of row 0 compute what they compute without the padding.
+    torch.testing.assert_close(y[0, 3:], attn(x[:1, 3:])[0], atol=1e-6, rtol=1e-5)
+    # An all-true mask is plain causal attention.
+    torch.testing.assert_close(attn(x, attention_mask=torch.ones(2, 7, dtype=torch.bool)), attn(x), atol=1e-6, rtol=1e-5)
+    with pytest.raises(AttentionError, match="attention_mask is for a batch of 3 rows, but the input has 2"):
+        attn(x, attention_mask=torch.ones(3, 7, dtype=torch.bool))
+
+
+def test_positions_go_to_the_hook_instead_of_the_offset():
+    seen = []
+
+    def hook(q, k, start):
+        seen.append(start)
+        return q, k
+
+    attn = CausalSelfAttention(16, 2, position_hook=hook).eval()
+    positions = torch.tensor([[0, 0, 1], [0, 1, 2]])
+    attn(torch.randn(2, 3, 16), positions=positions)
+    assert seen[0] is positions
+    with pytest.raises(AttentionError, match=r"positions must be a tensor of shape \(batch, time\) = \(2, 3\), got \(3,\)"):
+        attn(torch.randn(2, 3, 16), positions=torch.arange(3))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillm.model import LLM, PRESETS, ConfigError, ModelConfig, RMSNorm, SwiGLU, sample_next
+from minillm.model import LLM, PRESETS, ConfigError, ModelConfig, RMSNorm, RowRotaryEmbedding, SwiGLU, sample_next
 
 torch.manual_seed(0)
 
@@ -343,3 +343,47 @@ def test_numpy_scalars_are_accepted_as_numbers():
     np = pytest.importorskip("numpy")
     cfg = tiny(d_model=np.int64(32), dropout=np.float32(0.0))
     assert type(cfg.d_model) is int and type(cfg.dropout) is float
+
+
+# -- positions per token (left-padded batches, packed documents) ----------------------------------
+
+
+def test_per_token_rotary_positions_rotate_exactly_as_the_offset_does():
+    rope = RowRotaryEmbedding(8, 32)
+    q, k = torch.randn(2, 3, 5, 8), torch.randn(2, 1, 5, 8)
+    # The same positions as an offset of 4, given token by token: the same bits.
+    at = rope(q, k, torch.arange(4, 9).expand(2, 5))
+    assert all(torch.equal(a, b) for a, b in zip(at, rope(q, k, 4)))
+    # Rows at different places: each row as if it were alone.
+    rq, rk = rope(q, k, torch.stack([torch.arange(0, 5), torch.arange(7, 12)]))
+    for row, start in ((0, 0), (1, 7)):
+        aq, ak = rope(q[row : row + 1], k[row : row + 1], start)
+        assert torch.equal(rq[row : row + 1], aq) and torch.equal(rk[row : row + 1], ak)
+
+
+def test_per_token_positions_grow_the_tables_of_a_long_context():
+    rope = RowRotaryEmbedding(8, 10_000)
+    assert rope.cos.shape[0] == 4096  # built eagerly up to here
+    q = torch.randn(1, 1, 2, 8)
+    got = rope(q, q, torch.tensor([[5000, 5001]]))
+    assert rope.cos.shape[0] >= 5002
+    assert torch.equal(got[0], RowRotaryEmbedding(8, 10_000)(q, q, 5000)[0])
+
+
+@pytest.mark.parametrize("variant", [{}, dict(position="learned")])
+def test_default_positions_given_explicitly_change_nothing(variant):
+    model = LLM(tiny(**variant)).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids, positions=torch.arange(9).expand(2, 9))[0], model(ids)[0])
+
+
+@pytest.mark.parametrize("positions, match", [
+    (torch.arange(5.0).expand(2, 5), "positions must be an int64 tensor of shape"),
+    (torch.arange(4).expand(2, 4), r"positions must have the shape of the ids, \(2, 5\), got \(2, 4\)"),
+    (torch.tensor([[0, 1, 2, 3, 24]] * 2), r"positions must be in \[0, 24\) for the model's context of 24 tokens, got values from 0 to 24"),
+    (torch.tensor([[-1, 0, 1, 2, 3]] * 2), "got values from -1 to 3"),
+])
+def test_bad_positions(positions, match):
+    with pytest.raises(ValueError, match=match):
+        LLM(tiny())(torch.zeros(2, 5, dtype=torch.long), positions=positions)

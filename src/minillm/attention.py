@@ -9,6 +9,11 @@ grouped-query attention, G == 1 multi-query attention. The fused kernel
 explicit path, which materializes the (T, S) weights for teaching and plots, and computes the same.
 Position information enters only through `position_hook(q, k, start)`, which chapter 04's rotary
 embeddings plug into without changes here.
+
+Batches whose rows differ (left-padded prompts in generation, several documents packed into one
+row for fine-tuning) pass two optional arguments: `positions`, each token's own position, which
+goes to the hook in place of `start`; and `attention_mask`, which removes keys a query may not see
+(see `attention_mask_for`). Without them, the computation is exactly the plain causal one.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AttentionError", "KVCache", "CausalSelfAttention", "causal_mask", "scaled_dot_product"]
+__all__ = ["AttentionError", "KVCache", "CausalSelfAttention", "attention_mask_for", "causal_mask", "scaled_dot_product"]
 
-PositionHook = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
+# hook(q, k, start): `start` is the first position of every row (an int), or a (B, T) tensor holding
+# each token's own position when rows differ.
+PositionHook = Callable[[Tensor, Tensor, int | Tensor], tuple[Tensor, Tensor]]
 
 
 class AttentionError(ValueError):
@@ -41,7 +48,8 @@ def causal_mask(t: int, s: int, device: torch.device | None = None) -> Tensor:
 def scaled_dot_product(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: float = 0.0) -> tuple[Tensor, Tensor]:
     """The explicit computation: softmax(q k^T / sqrt(D)) v, returning (output, weights).
 
-    q: (..., T, D), k and v: (..., S, D), mask: (T, S) boolean, True = may attend.
+    q: (..., T, D), k and v: (..., S, D), mask: boolean, True = may attend, of shape (T, S) or any
+    shape that broadcasts to the scores, such as (B, 1, T, S).
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
     if mask is not None:
@@ -50,6 +58,33 @@ def scaled_dot_product(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = No
     if dropout > 0.0:
         weights = F.dropout(weights, p=dropout)
     return weights @ v, weights
+
+
+def attention_mask_for(attention_mask: Tensor, t: int, s: int) -> Tensor:
+    """The (B, 1, T, S) boolean mask, True = may attend, for T new queries over S keys (cached + new).
+
+    `attention_mask` is either
+      * (B, S), a key padding mask: True (or 1) where the key is a real token, False (0) at padding;
+      * (B, T, S) or (B, 1, T, S), boolean: which keys each query may see, e.g. a block-diagonal
+        mask that keeps packed documents apart.
+    Either way it can only remove keys: the result is also causal. And every query may see its own
+    key, so that no row of the softmax is empty (that would be 0/0 = NaN): a real token's own key is
+    real anyway, and a pad query gets an output that nothing reads.
+    """
+    if not isinstance(attention_mask, Tensor):
+        raise AttentionError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+    m = attention_mask
+    if m.dim() == 2 and m.size(1) == s and (m.dtype == torch.bool or not m.is_floating_point()):
+        m = m.bool()[:, None, None, :]  # (B, 1, 1, S): the same keys for every query
+    elif m.dim() in (3, 4) and m.dtype == torch.bool and m.shape[-2:] == (t, s) and (m.dim() == 3 or m.size(1) == 1):
+        m = m if m.dim() == 4 else m[:, None]
+    else:
+        raise AttentionError(
+            f"attention_mask must be a (batch, {s}) padding mask (bool or 0/1, over the cached and new positions) or a "
+            f"boolean (batch, {t}, {s}) or (batch, 1, {t}, {s}) mask, got {m.dtype} of shape {tuple(m.shape)}"
+        )
+    own = torch.arange(s, device=m.device) == torch.arange(s - t, s, device=m.device)[:, None]  # (T, S): query i's own key
+    return (m & causal_mask(t, s, m.device)) | own
 
 
 class KVCache:
@@ -143,35 +178,50 @@ class CausalSelfAttention(nn.Module):
             dtype = torch.get_autocast_dtype(kind) if autocast else w.dtype
         return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, device=w.device, dtype=dtype)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, need_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """x: (B, T, C) -> (B, T, C); with need_weights, also the (B, H, T, S) attention weights."""
+    def forward(self, x: Tensor, cache: KVCache | None = None, need_weights: bool = False, *,
+                positions: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """x: (B, T, C) -> (B, T, C); with need_weights, also the (B, H, T, S) attention weights.
+
+        positions: optional (B, T) position of each new token, given to the position hook instead of
+        the cache offset (rows of a left-padded batch start at different places).
+        attention_mask: optional mask over the S = cached + new keys; see `attention_mask_for`.
+        """
         if x.dim() != 3 or x.size(-1) != self.d_model:
             raise AttentionError(f"expected input of shape (batch, time, {self.d_model}), got {tuple(x.shape)}")
         B, T, _ = x.shape
         H, G, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if positions is not None and (not isinstance(positions, Tensor) or positions.shape != (B, T)):
+            raise AttentionError(f"positions must be a tensor of shape (batch, time) = {(B, T)}, "
+                                 f"got {tuple(positions.shape) if isinstance(positions, Tensor) else type(positions).__name__}")
         # Project, then split the channels into heads: (B, T, H*D) -> (B, H, T, D).
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
         k = self.k_proj(x).view(B, T, G, D).transpose(1, 2)
         v = self.v_proj(x).view(B, T, G, D).transpose(1, 2)
         start = cache.pos if cache is not None else 0
         if self.position_hook is not None:
-            q, k = self.position_hook(q, k, start)
+            q, k = self.position_hook(q, k, start if positions is None else positions)
         if cache is not None:
             k, v = cache.update(k, v)
         S = k.size(2)
         dropout = self.dropout if self.training else 0.0
+        # With an attention mask the rows of the batch differ: one (B, 1, T, S) mask, causal included.
+        mask = None if attention_mask is None else attention_mask_for(attention_mask, T, S)
+        if mask is not None and mask.size(0) not in (1, B):
+            raise AttentionError(f"attention_mask is for a batch of {mask.size(0)} rows, but the input has {B}")
 
         if need_weights:
             # Explicit path: share each key/value head with its H/G query heads, then the textbook formula.
             k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
-            y, weights = scaled_dot_product(q, k, v, causal_mask(T, S, x.device), dropout)
+            y, weights = scaled_dot_product(q, k, v, causal_mask(T, S, x.device) if mask is None else mask, dropout)
         else:
             # Fused path. A lone new query may see every cached key, so it needs no mask; a block of
             # T queries after a non-empty cache needs the offset mask that is_causal cannot express.
-            if T == S:
-                mask, causal = None, True
+            if mask is not None:
+                causal = False
+            elif T == S:
+                causal = True
             elif T == 1:
-                mask, causal = None, False
+                causal = False
             else:
                 mask, causal = causal_mask(T, S, x.device), False
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=G != H)

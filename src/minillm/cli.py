@@ -196,6 +196,44 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch  # imported here, as the model code: the text commands start without torch
+
+    from minillm.generate import stream_text
+
+    if (args.hf is None) != (args.tokenizer is None):
+        raise CommandError("--hf FOLDER needs --tokenizer FILE (and --tokenizer goes with --hf: a checkpoint holds its own)")
+    # Everything is loaded and checked before the first token: a ValueError up to there is a bad
+    # checkpoint or a bad setting, the user's to fix (the library's messages name the fix).
+    try:
+        if args.hf is not None:
+            from minillm.hf import load_hf
+
+            model, tok = load_hf(args.hf), Tokenizer.load(args.tokenizer)
+        else:
+            from minillm.train import load_for_inference
+
+            model, tok = load_for_inference(args.checkpoint)
+        if tok.vocab_size > model.cfg.vocab_size:
+            raise CommandError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary has {model.cfg.vocab_size}; "
+                               "give the tokenizer the model was trained with")
+        generator = None if args.seed is None else torch.Generator().manual_seed(args.seed)
+        n = args.max_new_tokens
+        if n is None:  # 200, or fewer if the context ends sooner (a prompt of T tokens and n new ones take T + n - 1)
+            n = max(1, min(200, model.cfg.max_seq_len - len(tok.encode(args.prompt, allowed_special="all")) + 1))
+        pieces = stream_text(model, tok, args.prompt, max_new_tokens=n, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                             eos_id=tok.special_tokens.get("<|endoftext|>"), generator=generator)
+    except ValueError as e:
+        raise CommandError(_describe(e)) from None
+    sys.stdout.write(args.prompt)
+    for piece in pieces:  # as they come: a reader sees the model write
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minillm", description="Build, train and use a small LLM.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
@@ -237,6 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-proc", type=int, default=None, help="processes that encode (default and most: all cores)")
     p.add_argument("--force", action="store_true", help="replace existing shards")
     p.set_defaults(func=_cmd_prepare)
+    p = sub.add_parser("sample", parents=[common], help="continue a prompt with a trained model, streaming the text")
+    model_source = p.add_mutually_exclusive_group(required=True)
+    model_source.add_argument("--checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder of 'minillm train'")
+    model_source.add_argument("--hf", help="a Hugging Face Llama folder (config.json, model.safetensors); needs --tokenizer")
+    p.add_argument("--tokenizer", help="with --hf: a file written by 'minillm tokenizer train'")
+    p.add_argument("--prompt", required=True, help="the text to continue ('<|endoftext|>' starts a fresh document)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most tokens to add (default 200, or as many as the context holds); stops early at <|endoftext|>")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy; below 1 sharper, above 1 flatter (default 1)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens whose probability reaches p")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens less likely than min-p times the most likely one")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages tokens already seen (default 1: off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for the sampler, for the same text every run")
+    p.set_defaults(func=_cmd_sample)
     return parser
 
 

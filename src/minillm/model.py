@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minillm.attention import CausalSelfAttention, KVCache
-from minillm.rope import RotaryEmbedding
+from minillm.rope import RotaryEmbedding, _rotate
 
-__all__ = ["ConfigError", "ModelConfig", "PRESETS", "RMSNorm", "SwiGLU", "GeluMLP", "TransformerBlock", "LLM", "sample_next"]
+__all__ = ["ConfigError", "ModelConfig", "PRESETS", "RMSNorm", "SwiGLU", "GeluMLP", "TransformerBlock", "LLM",
+           "RowRotaryEmbedding", "sample_next", "check_sampling", "filter_logits", "draw"]
 
 
 class ConfigError(ValueError):
@@ -208,16 +209,42 @@ class TransformerBlock(nn.Module):
         self.mlp = mlp(cfg.d_model, cfg.ffn_dim, cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = x + self.dropout(self.attn(self.input_norm(x), cache))
+    def forward(self, x: Tensor, cache: KVCache | None = None, *, positions: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:
+        x = x + self.dropout(self.attn(self.input_norm(x), cache, positions=positions, attention_mask=attention_mask))
         return x + self.dropout(self.mlp(self.post_attn_norm(x)))
+
+
+class RowRotaryEmbedding(RotaryEmbedding):
+    """RotaryEmbedding whose `start` may also be a (B, T) tensor of positions, one per token.
+
+    The rows of a left-padded batch start at different places, and packed documents restart at 0.
+    (The natural home of this is `RotaryEmbedding.forward` in minillm.rope.)
+    """
+
+    def forward(self, q: Tensor, k: Tensor, start: int | Tensor = 0) -> tuple[Tensor, Tensor]:
+        if not isinstance(start, Tensor):
+            return super().forward(q, k, start)
+        # LLM.forward has checked that every position is below max_seq_len. The tables hold the first
+        # min(max_seq_len, 4096) positions from the start, so only a longer context needs to read the
+        # largest position (a device sync) to know whether they must grow.
+        have = self.cos.shape[0]
+        if have < self.max_seq_len and (end := int(start.max()) + 1) > have:
+            self.reset_tables(q.device, min(self.max_seq_len, max(end, 2 * have)))
+        elif self.cos.device != q.device:
+            self.reset_tables(q.device)
+        dtype = torch.promote_types(q.dtype, torch.float32)  # as in RotaryEmbedding: at least float32
+        cos, sin = self.cos[start][:, None].to(dtype), self.sin[start][:, None].to(dtype)  # (B, 1, T, D/2), shared by heads
+        rq = _rotate(q.to(dtype), cos, sin, self.interleaved).to(q.dtype)
+        rk = _rotate(k.to(dtype), cos, sin, self.interleaved).to(k.dtype)
+        return rq, rk
 
 
 def rope_for(cfg: ModelConfig) -> RotaryEmbedding | None:
     """The rotary tables a model with this config uses (None with learned positions)."""
     if cfg.position != "rope":
         return None
-    return RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor)
+    return RowRotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor)
 
 
 class LLM(nn.Module):
@@ -293,15 +320,26 @@ class LLM(nn.Module):
     # -- the forward pass ------------------------------------------------------------------------
 
     def forward(self, ids: Tensor, targets: Tensor | None = None, caches: list[KVCache] | None = None,
-                ignore_index: int = -100, last_only: bool = False) -> tuple[Tensor, Tensor | None]:
+                ignore_index: int = -100, last_only: bool = False, *, positions: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """ids (B, T) -> logits (B, T, V), and the mean cross-entropy against `targets` (B, T) if given.
 
         Targets equal to `ignore_index` do not count; if none counts, the loss is 0 (a sum over no
         terms, still attached to the graph, with zero gradients) rather than 0/0 = NaN. With
         `last_only`, the output layer runs on the last position only and the logits are (B, 1, V):
         what generation needs, without the full-vocabulary product at every prompt position.
+
+        For batches whose rows differ (left-padded prompts, packed documents): `positions` (B, T) gives
+        each token's position (default: the cache offset onwards, the same for every row), and
+        `attention_mask` removes keys, as a (B, S) padding mask over the S cached + new positions or
+        a boolean (B, T, S) mask (see `minillm.attention.attention_mask_for`).
         """
         B, T = self._check_ids(ids, "token ids")
+        if positions is not None:
+            self._check_positions(positions, (B, T))
+            positions = positions.to(ids.device)
+        if attention_mask is not None and isinstance(attention_mask, Tensor):
+            attention_mask = attention_mask.to(ids.device)  # its shape is checked where S is known, in attention
         if caches is not None and len(caches) != self.cfg.n_layers:
             raise ValueError(f"expected one KV cache per layer ({self.cfg.n_layers}), got {len(caches)}; use model.new_caches()")
         start = caches[0].pos if caches else 0
@@ -311,7 +349,7 @@ class LLM(nn.Module):
         if targets is not None and last_only:
             raise ValueError("last_only computes the logits of the last position only; a loss needs all of them")
         counted = None if targets is None else self._check_targets(targets, ids.shape, ignore_index)
-        logits = self._logits(ids, caches, last_only)
+        logits = self._logits(ids, caches, last_only, positions, attention_mask)
         loss = None
         if targets is not None:
             # In float32 whatever the logits' dtype: a bf16 log-sum-exp over the vocabulary loses digits.
@@ -319,15 +357,17 @@ class LLM(nn.Module):
                                    reduction="mean" if counted else "sum")
         return logits, loss
 
-    def _logits(self, ids: Tensor, caches: list[KVCache] | None, last_only: bool) -> Tensor:
+    def _logits(self, ids: Tensor, caches: list[KVCache] | None, last_only: bool,
+                positions: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
         """The computation itself, on ids that `forward` or `generate` has checked."""
         start = caches[0].pos if caches else 0
         x = self.token_embedding(ids)
         if self.pos_embedding is not None:
-            x = x + self.pos_embedding(torch.arange(start, start + ids.size(1), device=ids.device))
+            where = torch.arange(start, start + ids.size(1), device=ids.device) if positions is None else positions
+            x = x + self.pos_embedding(where)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches else None)
+            x = block(x, caches[i] if caches else None, positions=positions, attention_mask=attention_mask)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
@@ -350,6 +390,17 @@ class LLM(nn.Module):
             raise ValueError(f"{what} must be in [0, {V}) for the model's vocabulary of {V} tokens, got values from {lo} to {hi}; "
                              "does the tokenizer have more tokens than the model's vocab_size?")
         return ids.shape
+
+    def _check_positions(self, positions: Tensor, shape: tuple[int, int]) -> None:
+        """Positions index the rotary tables or the position embedding: one shape and range check."""
+        if not isinstance(positions, Tensor) or positions.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"positions must be an int64 tensor of shape (batch, time), got {getattr(positions, 'dtype', type(positions).__name__)}")
+        if positions.shape != shape:
+            raise ValueError(f"positions must have the shape of the ids, {tuple(shape)}, got {tuple(positions.shape)}")
+        lo, hi = torch.stack(positions.aminmax()).tolist()
+        if lo < 0 or hi >= self.cfg.max_seq_len:
+            raise ValueError(f"positions must be in [0, {self.cfg.max_seq_len}) for the model's context of {self.cfg.max_seq_len} "
+                             f"tokens, got values from {lo} to {hi}")
 
     def _check_targets(self, targets: Tensor, shape: torch.Size, ignore_index: int) -> int:
         """How many targets count (are not ignore_index), after checking shape, dtype and range."""
@@ -403,7 +454,7 @@ class LLM(nn.Module):
         model's training flag is restored afterwards, even after an error.
         """
         B, T = self._check_ids(ids, "prompt ids")
-        _check_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p)
         if not _is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         V = self.cfg.vocab_size
@@ -455,7 +506,8 @@ def _after_load(module: LLM, incompatible_keys: object) -> None:
         module.rope.reset_tables(module.token_embedding.weight.device)
 
 
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError, naming the argument and its range, for a setting `sample_next` cannot use."""
     if not _is_real(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and not (_is_int(top_k) and top_k >= 1):
@@ -464,16 +516,8 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise ValueError(f"top_p must be in (0, 1], or None, got {top_p!r}")
 
 
-def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
-    """One token per row of `logits` (B, V), after temperature, top-k and top-p filtering.
-
-    The draw happens on the generator's device: a CPU generator with a CUDA model samples from probabilities
-    copied to the CPU (B x V numbers), so that one seeded generator serves wherever the model runs.
-    """
-    _check_sampling(temperature, top_k, top_p)
-    if temperature == 0:
-        return logits.argmax(-1)
+def filter_logits(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """logits / temperature (> 0), with -inf for the tokens that top-k and top-p leave out."""
     logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -485,7 +529,25 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
         drop = probs.cumsum(-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def draw(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row of `logits` (B, V), drawn from their softmax.
+
+    The draw happens on the generator's device: a CPU generator with a CUDA model samples from probabilities
+    copied to the CPU (B x V numbers), so that one seeded generator serves wherever the model runs.
+    """
     probs = torch.softmax(logits, dim=-1)
     if generator is not None and generator.device != probs.device:
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(logits.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """One token per row of `logits` (B, V), after temperature, top-k and top-p filtering (see `draw`)."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(-1)
+    return draw(filter_logits(logits, temperature, top_k, top_p), generator)
