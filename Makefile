@@ -12,7 +12,7 @@ TIMEOUT ?= 60
 NBVAL_FLAGS := --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast pdf figures notebooks lab clean corpus student grade
+.PHONY: help install test test-fast pdf figures notebooks lab clean corpus student grade llm
 
 help:  ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,6 +34,9 @@ test-fast: $(STAMP)  ## unit tests only, skipping the slow PDF and notebook chec
 
 corpus: $(STAMP)  ## summarize the built-in corpus
 	$(PY) -m minillm corpus
+
+llm: $(STAMP)  ## train the tiny model on the standard library, tokenizer included (~10 min on 2 cores): runs/tiny
+	$(PY) -m minillm train --config configs/tiny.toml --force
 
 pdf: $(STAMP)  ## build/book.pdf, solutions.pdf and exercises.pdf from the stored notebooks (CHAPTER=04 for one)
 	$(PY) book/build.py $(if $(CHAPTER),--chapter $(CHAPTER))

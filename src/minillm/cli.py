@@ -234,6 +234,53 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_errors():
+    """The training errors that are the user's to fix (imported late: they bring torch)."""
+    from minillm.data import DataError
+    from minillm.model import ConfigError
+    from minillm.train import TrainError
+
+    return (TrainError, DataError, ConfigError)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from minillm.train import load_config, train
+
+    try:
+        cfg = load_config(args.config, args.set or ())
+        if args.resume:  # the run's own config, with this command's overrides on top
+            if not (Path(cfg.out) / "config.toml").is_file():
+                raise CommandError(f"{cfg.out}: nothing to resume (no config.toml); start the run without --resume, "
+                                   "or give the run's folder with --set out=RUN")
+            cfg = load_config(Path(cfg.out) / "config.toml", args.set or ())
+        result = train(cfg, resume=args.resume, force=args.force)
+    except _train_errors() as e:
+        raise CommandError(_describe(e)) from None
+    minutes, seconds = divmod(round(result.seconds), 60)
+    mfu = f", MFU {result.mfu:.0%}" if result.mfu is not None else ""
+    print(f"trained {result.run}: {result.step} steps in {minutes}m{seconds:02d}s ({result.tokens_per_s:,.0f} tokens/s{mfu})")
+    print(f"validation  loss {result.val_loss:.4f} nats/token = {result.val_bpb:.3f} bits per byte")
+    names = {"lzma": "xz"}  # the compressor behind Python's lzma module is xz
+    print("same text   " + "  ".join(f"{names.get(k, k)} {v:.3f}" for k, v in result.compressors.items()) + " bits per byte")
+    for text in result.samples:
+        print(f"sample      {text!r}")
+    print(f"run folder  {result.run} (minillm plot {result.run}; minillm sample --checkpoint {result.run} --prompt ...)")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from minillm.train import TrainError, plot_run
+
+    try:
+        path = plot_run(args.run, args.out)
+    except TrainError as e:
+        raise CommandError(_describe(e)) from None
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minillm", description="Build, train and use a small LLM.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
@@ -290,6 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages tokens already seen (default 1: off)")
     p.add_argument("--seed", type=int, default=None, help="seed for the sampler, for the same text every run")
     p.set_defaults(func=_cmd_sample)
+    p = sub.add_parser("train", parents=[common], help="pretrain a model (tokenizer and data included), with checkpoints")
+    p.add_argument("--config", help="a TOML preset, e.g. configs/tiny.toml (default: TrainConfig's defaults)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field (repeat): --set max_steps=200 --set model.d_model=128")
+    p.add_argument("--resume", action="store_true", help="continue the run in its out folder from its latest checkpoint")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder")
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("plot", parents=[common], help="draw a run's loss, learning rate, gradient norm and throughput")
+    p.add_argument("run", help="a run folder written by 'minillm train'")
+    p.add_argument("--out", help="the image to write (default: RUN/curves.png)")
+    p.set_defaults(func=_cmd_plot)
     return parser
 
 
