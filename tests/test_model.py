@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillm.model import LLM, PRESETS, ConfigError, ModelConfig, RMSNorm, RowRotaryEmbedding, SwiGLU, sample_next
+from minillm.rope import RotaryEmbedding
+from minillm.model import LLM, PRESETS, ConfigError, ModelConfig, RMSNorm, SwiGLU, sample_next
 
 torch.manual_seed(0)
 
@@ -349,7 +350,7 @@ def test_numpy_scalars_are_accepted_as_numbers():
 
 
 def test_per_token_rotary_positions_rotate_exactly_as_the_offset_does():
-    rope = RowRotaryEmbedding(8, 32)
+    rope = RotaryEmbedding(8, 32)
     q, k = torch.randn(2, 3, 5, 8), torch.randn(2, 1, 5, 8)
     # The same positions as an offset of 4, given token by token: the same bits.
     at = rope(q, k, torch.arange(4, 9).expand(2, 5))
@@ -362,12 +363,12 @@ def test_per_token_rotary_positions_rotate_exactly_as_the_offset_does():
 
 
 def test_per_token_positions_grow_the_tables_of_a_long_context():
-    rope = RowRotaryEmbedding(8, 10_000)
+    rope = RotaryEmbedding(8, 10_000)
     assert rope.cos.shape[0] == 4096  # built eagerly up to here
     q = torch.randn(1, 1, 2, 8)
     got = rope(q, q, torch.tensor([[5000, 5001]]))
     assert rope.cos.shape[0] >= 5002
-    assert torch.equal(got[0], RowRotaryEmbedding(8, 10_000)(q, q, 5000)[0])
+    assert torch.equal(got[0], RotaryEmbedding(8, 10_000)(q, q, 5000)[0])
 
 
 @pytest.mark.parametrize("variant", [{}, dict(position="learned")])

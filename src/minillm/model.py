@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minillm.attention import CausalSelfAttention, KVCache
-from minillm.rope import RotaryEmbedding, _rotate
+from minillm.rope import RotaryEmbedding
 
 __all__ = ["ConfigError", "ModelConfig", "PRESETS", "RMSNorm", "SwiGLU", "GeluMLP", "TransformerBlock", "LLM",
-           "RowRotaryEmbedding", "sample_next", "check_sampling", "filter_logits", "draw"]
+           "sample_next", "check_sampling", "filter_logits", "draw"]
 
 
 class ConfigError(ValueError):
@@ -215,36 +215,11 @@ class TransformerBlock(nn.Module):
         return x + self.dropout(self.mlp(self.post_attn_norm(x)))
 
 
-class RowRotaryEmbedding(RotaryEmbedding):
-    """RotaryEmbedding whose `start` may also be a (B, T) tensor of positions, one per token.
-
-    The rows of a left-padded batch start at different places, and packed documents restart at 0.
-    (The natural home of this is `RotaryEmbedding.forward` in minillm.rope.)
-    """
-
-    def forward(self, q: Tensor, k: Tensor, start: int | Tensor = 0) -> tuple[Tensor, Tensor]:
-        if not isinstance(start, Tensor):
-            return super().forward(q, k, start)
-        # LLM.forward has checked that every position is below max_seq_len. The tables hold the first
-        # min(max_seq_len, 4096) positions from the start, so only a longer context needs to read the
-        # largest position (a device sync) to know whether they must grow.
-        have = self.cos.shape[0]
-        if have < self.max_seq_len and (end := int(start.max()) + 1) > have:
-            self.reset_tables(q.device, min(self.max_seq_len, max(end, 2 * have)))
-        elif self.cos.device != q.device:
-            self.reset_tables(q.device)
-        dtype = torch.promote_types(q.dtype, torch.float32)  # as in RotaryEmbedding: at least float32
-        cos, sin = self.cos[start][:, None].to(dtype), self.sin[start][:, None].to(dtype)  # (B, 1, T, D/2), shared by heads
-        rq = _rotate(q.to(dtype), cos, sin, self.interleaved).to(q.dtype)
-        rk = _rotate(k.to(dtype), cos, sin, self.interleaved).to(k.dtype)
-        return rq, rk
-
-
 def rope_for(cfg: ModelConfig) -> RotaryEmbedding | None:
     """The rotary tables a model with this config uses (None with learned positions)."""
     if cfg.position != "rope":
         return None
-    return RowRotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor)
+    return RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor)
 
 
 class LLM(nn.Module):

@@ -111,22 +111,37 @@ class RotaryEmbedding(nn.Module):
         self.reset_tables()  # on the device the move chose, in float32, never rounded or left uninitialized
         return self
 
-    def forward(self, q: Tensor, k: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, start: int | Tensor = 0) -> tuple[Tensor, Tensor]:
+        """Rotate (B, H, T, D) queries and keys.
+
+        `start` is the first position of the block (an int, the number of cached positions), or a
+        (B, T) tensor holding each token's own position: the rows of a left-padded batch start at
+        different places, and packed documents restart at 0.
+        """
         T = q.shape[-2]
-        end = start + T
-        if end > self.max_seq_len:
-            raise RopeError(
-                f"positions {start}..{end - 1} are past the rotary tables, which end at {self.max_seq_len - 1}; "
-                f"use a shorter context or build the model with a larger max_seq_len"
-            )
+        if isinstance(start, Tensor):
+            # The caller (LLM.forward) has checked every position against max_seq_len; only a context
+            # longer than the eager tables needs the largest position (a device sync) to grow them.
+            end = int(start.max()) + 1 if self.cos.shape[0] < self.max_seq_len else 0
+        else:
+            end = start + T
+            if end > self.max_seq_len:
+                raise RopeError(
+                    f"positions {start}..{end - 1} are past the rotary tables, which end at {self.max_seq_len - 1}; "
+                    f"use a shorter context or build the model with a larger max_seq_len"
+                )
         have = self.cos.shape[0]
         if have < end or self.cos.device != q.device:
             # Grow by doubling (so that decoding token by token rebuilds rarely), never past max_seq_len.
             self.reset_tables(q.device, have if have >= end else min(self.max_seq_len, max(end, 2 * have)))
+        if isinstance(start, Tensor):
+            cos, sin = self.cos[start][:, None], self.sin[start][:, None]  # (B, 1, T, D/2), shared by heads
+        else:
+            cos, sin = self.cos[start:end], self.sin[start:end]
         # Rotate in at least float32 even for bf16 activations: angles at large positions need the
         # precision. Float64 inputs rotate in float64 (with the same float32 tables).
         dtype = torch.promote_types(q.dtype, torch.float32)
-        cos, sin = self.cos[start:end].to(dtype), self.sin[start:end].to(dtype)
+        cos, sin = cos.to(dtype), sin.to(dtype)
         rq = _rotate(q.to(dtype), cos, sin, self.interleaved).to(q.dtype)
         rk = _rotate(k.to(dtype), cos, sin, self.interleaved).to(k.dtype)
         return rq, rk
