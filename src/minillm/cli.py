@@ -264,8 +264,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"validation  loss {result.val_loss:.4f} nats/token = {result.val_bpb:.3f} bits per byte")
     names = {"lzma": "xz"}  # the compressor behind Python's lzma module is xz
     print("same text   " + "  ".join(f"{names.get(k, k)} {v:.3f}" for k, v in result.compressors.items()) + " bits per byte")
-    for text in result.samples:
-        print(f"sample      {text!r}")
+    for i, text in enumerate(result.samples, start=1):
+        print(f"--- sample {i} of {len(result.samples)} (temperature 0.8, top-k 50) ---\n{text}")
     print(f"run folder  {result.run} (minillm plot {result.run}; minillm sample --checkpoint {result.run} --prompt ...)")
     return 0
 

@@ -922,7 +922,8 @@ class RunLog:
 
 
 def _prepare_tokenizer(cfg: TrainConfig, run: Path, model_cfg: ModelConfig, progress: bool) -> Tokenizer:
-    """The run's tokenizer: cfg.tokenizer, or one trained on the train split (saved as RUN/tokenizer.bpe)."""
+    """The run's tokenizer: RUN/tokenizer.bpe if there, else cfg.tokenizer, else one trained on the
+    train split; saved as RUN/tokenizer.bpe. Called by the main process only."""
     from minillm.corpus import load_corpus
     from minillm.tokenizer import train_bpe
 
@@ -942,16 +943,19 @@ def _prepare_tokenizer(cfg: TrainConfig, run: Path, model_cfg: ModelConfig, prog
     return tok
 
 
-def _prepare_shards(cfg: TrainConfig, run: Path, tok: Tokenizer, progress: bool):
-    """The train and validation shards: opened (checked against the tokenizer), or prepared first."""
+def _shard_paths(cfg: TrainConfig, run: Path) -> dict[str, Path]:
+    folder = Path(cfg.data_dir) if cfg.data_dir else run / "data"
+    return {s: folder / f"{s}.bin" for s in ("train", "val")}
+
+
+def _prepare_shards(cfg: TrainConfig, run: Path, tok: Tokenizer, progress: bool) -> None:
+    """Encode the corpus into train.bin and val.bin, unless both are there. Main process only."""
     from minillm import data
 
-    folder = Path(cfg.data_dir) if cfg.data_dir else run / "data"
-    paths = {s: folder / f"{s}.bin" for s in ("train", "val")}
+    paths = _shard_paths(cfg, run)
     if not all(p.exists() for p in paths.values()):
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = data.prepare(cfg.data, tok, folder, val_fraction=cfg.val_fraction, progress=progress)
-    return data.TokenShard.open(paths["train"], tokenizer=tok), data.TokenShard.open(paths["val"], tokenizer=tok)
+        paths["train"].parent.mkdir(parents=True, exist_ok=True)
+        data.prepare(cfg.data, tok, paths["train"].parent, val_fraction=cfg.val_fraction, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -998,11 +1002,12 @@ _FIXED_ON_RESUME = ("model", "model_overrides", "data", "tokenizer", "seed", "ba
                     "optimizer", "val_fraction")
 
 
-def _sample(model: LLM, tok: Tokenizer, cfg: TrainConfig, step: int, device: torch.device) -> str:
-    """A continuation of sample_prompt, drawn with its own generator so that the training RNG is untouched."""
+def _sample(model: LLM, tok: Tokenizer, cfg: TrainConfig, draw: int, device: torch.device) -> str:
+    """A continuation of sample_prompt, drawn with its own generator (seeded with seed + draw), so
+    that the training RNG is untouched and a resumed run draws the same samples."""
     ids = tok.encode(cfg.sample_prompt, allowed_special="all")[-model.cfg.max_seq_len // 2:] or [tok.eot_id]
     n = min(cfg.sample_tokens, model.cfg.max_seq_len - len(ids) + 1)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + step)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + draw)
     out = model.generate(torch.tensor([ids], device=device), n, temperature=0.8, top_k=50, eos_id=tok.eot_id, generator=gen)
     return tok.decode(out[0].tolist())
 
@@ -1049,12 +1054,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise TrainError("dtype=bfloat16 but this GPU does not support it; use dtype=float32")
 
-    # Data: the tokenizer, the shards, and the samplers.
+    # Data: the tokenizer and the shards, made by the main process, then opened by every process
+    # (TokenShard.open checks that the shards were encoded with this tokenizer).
     model_cfg = cfg.model_config()
-    tok = _prepare_tokenizer(cfg, run, model_cfg, progress)
-    train_shard, val_shard = _prepare_shards(cfg, run, tok, progress)
     if is_main:
+        _prepare_tokenizer(cfg, run, model_cfg, progress)
+        _prepare_shards(cfg, run, Tokenizer.load(run / "tokenizer.bpe"), progress)
         atomic_write(run / "config.toml", config_to_toml(cfg))
+    strategy.barrier()
+    tok = Tokenizer.load(run / "tokenizer.bpe")
+    paths = _shard_paths(cfg, run)
+    train_shard, val_shard = (data.TokenShard.open(paths[s], tokenizer=tok) for s in ("train", "val"))
     accum = cfg.accum_steps(strategy.world_size)
     sampler = data.RandomSampler(train_shard, cfg.batch_size, cfg.seq_len, cfg.seed, rank=strategy.rank,
                                  world_size=strategy.world_size, device=device)
@@ -1079,99 +1089,103 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     log = RunLog(run, cfg, is_main, step if saved_state is not None else None)
     tokens_per_step = cfg.batch_size * cfg.seq_len * accum * strategy.world_size
 
-    # Bits per byte: the exact UTF-8 bytes of the targets each evaluation scores (decoded once and
-    # cached: the windows are the same every time), and the compressors on the final evaluation's
-    # text. As in the shard headers, the end-of-text separators count no bytes (the model still
-    # pays for predicting them), so the compressors see the documents' text alone.
-    byte_counts: dict[int, int] = {}
+    try:  # the logs are closed however the run ends (NaN, Ctrl-C)
+        # Bits per byte: the exact UTF-8 bytes of the targets each evaluation scores (decoded once and
+        # cached: the windows are the same every time), and the compressors on the final evaluation's
+        # text. As in the shard headers, the end-of-text separators count no bytes (the model still
+        # pays for predicting them), so the compressors see the documents' text alone.
+        byte_counts: dict[int, int] = {}
 
-    def target_bytes(batches: Iterable[Any]) -> bytes:
-        ids = torch.cat([y.flatten().cpu() for _, y in batches])
-        return tok.decode_bytes(ids[ids != tok.eot_id].tolist())
+        def target_bytes(batches: Iterable[Any]) -> bytes:
+            ids = torch.cat([y.flatten().cpu() for _, y in batches])
+            return tok.decode_bytes(ids[ids != tok.eot_id].tolist())
 
-    def eval_row(max_batches: int, kind: str) -> dict[str, Any]:
-        loss, n_tokens = evaluate(model, val_batches(max_batches), loss_fn=loss_fn, amp=amp, strategy=strategy)
-        if max_batches not in byte_counts:
-            byte_counts[max_batches] = len(target_bytes(val_batches(max_batches)))
-        row = {"step": step, "kind": kind, **({"final": True} if kind == "final" else {}), "val_loss": loss, "val_tokens": n_tokens, "val_bytes": byte_counts[max_batches],
-               "val_bpb": data.bits_per_byte(loss, n_tokens, byte_counts[max_batches])}
-        log.log(row)
-        return row
+        def eval_row(max_batches: int, kind: str) -> dict[str, Any]:
+            loss, n_tokens = evaluate(model, val_batches(max_batches), loss_fn=loss_fn, amp=amp, strategy=strategy)
+            if max_batches not in byte_counts:
+                byte_counts[max_batches] = len(target_bytes(val_batches(max_batches)))
+            n_bytes = byte_counts[max_batches]
+            row = {"step": step, "kind": kind, "val_loss": loss, "val_tokens": n_tokens, "val_bytes": n_bytes,
+                   "val_bpb": data.bits_per_byte(loss, n_tokens, n_bytes)}
+            if kind == "final":
+                row["final"] = True  # written again when a resumed run ends
+            log.log(row)
+            return row
 
-    compressors: dict[str, float] = {}
-    if saved_state is None:
-        text = target_bytes(val_batches(cfg.final_eval_batches))
-        compressors = data.compressor_bits_per_byte(text)
-        log.log({"step": 0, "kind": "compressors", "bytes": len(text), **compressors})
-    else:
-        compressors = next((r for r in RunLog.read(run / "metrics.jsonl") if r.get("kind") == "compressors"), {})
-        compressors = {k: v for k, v in compressors.items() if k not in ("step", "kind", "bytes")}
+        compressors: dict[str, float] = {}
+        if saved_state is None:
+            text = target_bytes(val_batches(cfg.final_eval_batches))
+            compressors = data.compressor_bits_per_byte(text)
+            log.log({"step": 0, "kind": "compressors", "bytes": len(text), **compressors})
+        else:
+            compressors = next((r for r in RunLog.read(run / "metrics.jsonl") if r.get("kind") == "compressors"), {})
+            compressors = {k: v for k, v in compressors.items() if k not in ("step", "kind", "bytes")}
 
-    def checkpoint() -> None:
-        if is_main:
-            folder = run / "checkpoints" / f"step_{step:07d}"
-            folder.parent.mkdir(exist_ok=True)
-            save_checkpoint(folder, raw_model, optimizer, tok, cfg, {"step": step, "sampler": sampler.state_dict(),
-                                                                     "config": cfg.to_dict()})
-            for old in _checkpoints(run)[:-cfg.keep_checkpoints or None]:
-                shutil.rmtree(old)
-        strategy.barrier()
+        def checkpoint() -> None:
+            if is_main:
+                folder = run / "checkpoints" / f"step_{step:07d}"
+                folder.parent.mkdir(exist_ok=True)
+                save_checkpoint(folder, raw_model, optimizer, tok, cfg, {"step": step, "sampler": sampler.state_dict(),
+                                                                         "config": cfg.to_dict()})
+                for old in _checkpoints(run)[:-cfg.keep_checkpoints or None]:
+                    shutil.rmtree(old)
+            strategy.barrier()
 
-    if is_main:  # a checkpoint cut short by a crash stays behind as a hidden temporary folder
-        for tmp in (run / "checkpoints").glob(".step_*.tmp"):
-            shutil.rmtree(tmp, ignore_errors=True)
-    if saved_state is None and cfg.eval_every:
-        eval_row(cfg.eval_batches, "eval")
+        if is_main:  # a checkpoint cut short by a crash stays behind as a hidden temporary folder
+            for tmp in (run / "checkpoints").glob(".step_*.tmp"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        if saved_state is None and cfg.eval_every:
+            eval_row(cfg.eval_batches, "eval")
 
-    from tqdm import tqdm
+        from tqdm import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
-    window_start, window_tokens, last = time.perf_counter(), 0, None
-    tokens_per_s, mfu = 0.0, None
-    try:
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            last = train_step(model, optimizer, sampler.next_batch, step=step + 1, accum=accum, loss_fn=loss_fn,
-                              grad_clip=cfg.grad_clip, amp=amp, strategy=strategy)
-            step += 1
-            window_tokens += tokens_per_step
-            if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_tokens / elapsed
-                mfu = flops_per_token * tokens_per_s / peak if peak else None
-                log.log({"step": step, "loss": last.loss, "lr": lr, "grad_norm": last.grad_norm, "tokens": step * tokens_per_step,
-                         "tokens_per_s": tokens_per_s, "mfu": mfu})
-                bar.set_postfix(loss=f"{last.loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-            bar.update(1)
-            paused = time.perf_counter()  # evaluation, samples and checkpoints do not count as training time
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                row = eval_row(cfg.eval_batches, "eval")
-                bar.set_postfix(loss=f"{last.loss:.3f}", val=f"{row['val_loss']:.3f}", refresh=False)
-            if cfg.sample_every and step % cfg.sample_every == 0 and is_main:
-                log.sample(step, cfg.sample_prompt, _sample(raw_model, tok, cfg, step, device))
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-                checkpoint()
-            if cfg.log_every and step % cfg.log_every == 0:
-                window_start, window_tokens = time.perf_counter(), 0
-            else:
-                window_start += time.perf_counter() - paused
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
+        window_start, window_tokens, last = time.perf_counter(), 0, None
+        tokens_per_s, mfu = 0.0, None
+        try:
+            while step < cfg.max_steps:
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                last = train_step(model, optimizer, sampler.next_batch, step=step + 1, accum=accum, loss_fn=loss_fn,
+                                  grad_clip=cfg.grad_clip, amp=amp, strategy=strategy)
+                step += 1
+                window_tokens += tokens_per_step
+                if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_tokens / elapsed
+                    mfu = flops_per_token * tokens_per_s / peak if peak else None
+                    log.log({"step": step, "loss": last.loss, "lr": lr, "grad_norm": last.grad_norm, "tokens": step * tokens_per_step,
+                             "tokens_per_s": tokens_per_s, "mfu": mfu})
+                    bar.set_postfix(loss=f"{last.loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                bar.update(1)
+                paused = time.perf_counter()  # evaluation, samples and checkpoints do not count as training time
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    row = eval_row(cfg.eval_batches, "eval")
+                    bar.set_postfix(loss=f"{last.loss:.3f}", val=f"{row['val_loss']:.3f}", refresh=False)
+                if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps and is_main:
+                    log.sample(step, cfg.sample_prompt, _sample(raw_model, tok, cfg, step, device))
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                    checkpoint()
+                if cfg.log_every and step % cfg.log_every == 0:
+                    window_start, window_tokens = time.perf_counter(), 0
+                else:
+                    window_start += time.perf_counter() - paused
+        finally:
+            bar.close()
+
+        # The end: a final checkpoint, the final evaluation, and samples.
+        result = TrainResult(run, step, compressors=compressors, tokens_per_s=tokens_per_s, mfu=mfu)
+        if not (saved_state is not None and saved_state["step"] == step):
+            checkpoint()
+        final = eval_row(cfg.final_eval_batches, "final")
+        result.val_loss, result.val_bpb = final["val_loss"], final["val_bpb"]
+        if is_main and cfg.sample_tokens:
+            for i in range(3):  # three draws, so that a reader sees more than one continuation
+                result.samples.append(_sample(raw_model, tok, cfg, step + i, device))
+                log.sample(step, cfg.sample_prompt, result.samples[-1], final=True)
     finally:
-        bar.close()
-
-    # The end: a final checkpoint, the final evaluation, and a sample.
-    result = TrainResult(run, step, compressors=compressors, tokens_per_s=tokens_per_s, mfu=mfu)
-    if not (saved_state is not None and saved_state["step"] == step):
-        checkpoint()
-    final = eval_row(cfg.final_eval_batches, "final")
-    result.val_loss, result.val_bpb = final["val_loss"], final["val_bpb"]
-    if is_main and cfg.sample_tokens:
-        text = _sample(raw_model, tok, cfg, step, device)
-        result.samples.append(text)
-        if not (cfg.sample_every and step % cfg.sample_every == 0):  # else the loop has just logged it
-            log.sample(step, cfg.sample_prompt, text, final=True)
-    log.close()
+        log.close()
     result.seconds = time.perf_counter() - start_time
     return result
 
