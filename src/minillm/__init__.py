@@ -1,6 +1,8 @@
 """minillm: a small large-language model built from scratch, one chapter at a time.
 
-The public names of each chapter's module are re-exported here, in the order of the book.
+The public names of each chapter's module are re-exported here, in the order of the book. (The
+functions `minillm.generate.generate` and `minillm.train.train` are not: they share their modules'
+names.)
 """
 
 from minillm.corpus import EOT, Corpus, CorpusError, Document, load_corpus, stdlib_corpus
@@ -8,6 +10,9 @@ from minillm.tokenizer import GPT2_PATTERN, GPT4_PATTERN, Tokenizer, TokenizerEr
 from minillm.attention import AttentionError, CausalSelfAttention, KVCache
 from minillm.rope import RopeError, RotaryEmbedding
 from minillm.model import LLM, ConfigError, ModelConfig
+from minillm.data import DataError, RandomSampler, SequentialSampler, TokenShard, prepare
+from minillm.generate import sample_token, stream_text
+from minillm.train import TrainConfig, TrainError, load_for_inference
 
 __version__ = "0.1.0"
 
@@ -20,4 +25,8 @@ __all__ = [
     "AttentionError", "CausalSelfAttention", "KVCache",
     # chapter 04: rotary positions; chapter 05: the model
     "RopeError", "RotaryEmbedding", "LLM", "ConfigError", "ModelConfig",
+    # chapter 06: pretraining
+    "DataError", "RandomSampler", "SequentialSampler", "TokenShard", "prepare",
+    "sample_token", "stream_text",
+    "TrainConfig", "TrainError", "load_for_inference",
 ]
