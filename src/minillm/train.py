@@ -972,7 +972,7 @@ class TrainResult:
     val_bpb: float | None = None
     compressors: dict[str, float] = field(default_factory=dict)
     samples: list[str] = field(default_factory=list)
-    tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # averaged over the logged training steps of this process (evaluations excluded)
     mfu: float | None = None
     seconds: float = 0.0
 
@@ -1142,6 +1142,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
         bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
         window_start, window_tokens, last = time.perf_counter(), 0, None
         tokens_per_s, mfu = 0.0, None
+        trained_tokens, trained_seconds = 0, 0.0  # for the run's average throughput
         try:
             while step < cfg.max_steps:
                 lr = lr_at(step, cfg)
@@ -1154,6 +1155,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
                 if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.max_steps):
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_tokens / elapsed
+                    trained_tokens, trained_seconds = trained_tokens + window_tokens, trained_seconds + elapsed
                     mfu = flops_per_token * tokens_per_s / peak if peak else None
                     log.log({"step": step, "loss": last.loss, "lr": lr, "grad_norm": last.grad_norm, "tokens": step * tokens_per_step,
                              "tokens_per_s": tokens_per_s, "mfu": mfu})
@@ -1175,7 +1177,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
             bar.close()
 
         # The end: a final checkpoint, the final evaluation, and samples.
-        result = TrainResult(run, step, compressors=compressors, tokens_per_s=tokens_per_s, mfu=mfu)
+        average = trained_tokens / trained_seconds if trained_seconds else tokens_per_s
+        result = TrainResult(run, step, compressors=compressors, tokens_per_s=average,
+                             mfu=flops_per_token * average / peak if peak else None)
         if not (saved_state is not None and saved_state["step"] == step):
             checkpoint()
         final = eval_row(cfg.final_eval_batches, "final")
