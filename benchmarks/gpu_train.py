@@ -22,11 +22,12 @@ import time
 import torch
 
 
-def worker(which: str, batch: int, seq: int, steps: int, compile: bool, peak_override: float) -> None:
+def worker(which: str, batch: int, seq: int, steps: int, compile: bool, peak_override: float, device_name: str) -> None:
     from minillm.model import LLM, ModelConfig
     from minillm.train import autocast, lm_loss, peak_flops, train_step
 
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    device, dtype = torch.device(device_name), torch.bfloat16
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.set_float32_matmul_precision("high")
     cfg = ModelConfig.preset("gpt2-small", max_seq_len=seq)
     torch.manual_seed(0)
@@ -56,15 +57,15 @@ def worker(which: str, batch: int, seq: int, steps: int, compile: bool, peak_ove
     amp = autocast(device, dtype)
     for i in range(3):  # warm-up, compilation included
         train_step(step_model, opt, batch_fn, step=i + 1, loss_fn=loss_fn, grad_clip=1.0, amp=amp)
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for i in range(steps):
         train_step(step_model, opt, batch_fn, step=i + 4, loss_fn=loss_fn, grad_clip=1.0, amp=amp)
-    torch.cuda.synchronize()
+    sync()
     tokens_per_s = steps * batch * seq / (time.perf_counter() - start)
     peak = peak_flops(device, dtype, peak_override)
     print(json.dumps({"tokens_per_s": tokens_per_s, "mfu": flops_per_token * tokens_per_s / peak if peak else None,
-                      "peak_gb": torch.cuda.max_memory_allocated() / 2**30, "device": torch.cuda.get_device_name(),
+                      "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if sync is torch.cuda.synchronize else 0.0,
                       "params": sum(p.numel() for p in model.parameters())}))
 
 
@@ -76,9 +77,10 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--peak-flops", type=float, default=0.0, help="override the bf16 peak FLOP/s of the GPU")
     ap.add_argument("--worker", choices=["minillm", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke test of the workers
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.batch, args.seq, args.steps, not args.no_compile, args.peak_flops)
+        worker(args.worker, args.batch, args.seq, args.steps, not args.no_compile, args.peak_flops, args.device)
         return
     if not torch.cuda.is_available():
         print("gpu_train: no CUDA GPU here, so nothing to measure; run it on a GPU box (skipped)")

@@ -387,6 +387,15 @@ def test_sample_command_streams_the_continuation(hf_folder, capsys):
     assert code == 0 and out == "x" + tokenizer().decode(text_chain()[1][1:2]) + "\n"
 
 
+def test_sample_command_warns_of_a_prompt_that_ends_in_a_space(hf_folder, capsys):
+    argv = ["sample", "--hf", str(hf_folder / "model"), "--tokenizer", str(hf_folder / "tok.bpe"), "--temperature", "0",
+            "--max-new-tokens", "2"]
+    code, out, err = run(capsys, *argv, "--prompt", "x ")
+    assert code == 0 and out.startswith("x ") and "ends with a space" in err
+    code, _, err = run(capsys, *argv, "--prompt", "x\n")  # a newline is an ordinary end
+    assert code == 0 and err == ""
+
+
 def test_sample_command_reads_a_checkpoint_through_train(hf_folder, capsys, monkeypatch):
     tok, chain, _ = text_chain()
     seen = []

@@ -226,6 +226,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                              eos_id=tok.special_tokens.get("<|endoftext|>"), generator=generator)
     except ValueError as e:
         raise CommandError(_describe(e)) from None
+    if args.prompt.endswith((" ", "\t")):
+        # Tokens carry a word's leading space (" name"), so a prompt that ends in a lone space
+        # gives the model a token it rarely saw before a word, and the continuation suffers.
+        print("note: the prompt ends with a space; the model usually continues better without it", file=sys.stderr)
     sys.stdout.write(args.prompt)
     for piece in pieces:  # as they come: a reader sees the model write
         sys.stdout.write(piece)

@@ -111,7 +111,7 @@ class TrainConfig:
     eval_batches: int = 20
     final_eval_batches: int = 0  # 0: the whole validation shard
     sample_every: int = 0
-    sample_prompt: str = "def "
+    sample_prompt: str = "    def __init__(self"
     sample_tokens: int = 64
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -972,7 +972,7 @@ class TrainResult:
     val_bpb: float | None = None
     compressors: dict[str, float] = field(default_factory=dict)
     samples: list[str] = field(default_factory=list)
-    tokens_per_s: float = 0.0  # averaged over the logged training steps of this process (evaluations excluded)
+    tokens_per_s: float = 0.0  # over the logged training steps after the first window (warm-up, compilation)
     mfu: float | None = None
     seconds: float = 0.0
 
@@ -1142,7 +1142,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
         bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
         window_start, window_tokens, last = time.perf_counter(), 0, None
         tokens_per_s, mfu = 0.0, None
-        trained_tokens, trained_seconds = 0, 0.0  # for the run's average throughput
+        # The run's average throughput leaves out the first logged window, which holds the warm-up
+        # (torch.compile's compilation, allocator growth): on a GPU it can take longer than the rest.
+        windows: list[tuple[int, float]] = []
         try:
             while step < cfg.max_steps:
                 lr = lr_at(step, cfg)
@@ -1155,7 +1157,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
                 if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.max_steps):
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_tokens / elapsed
-                    trained_tokens, trained_seconds = trained_tokens + window_tokens, trained_seconds + elapsed
+                    windows.append((window_tokens, elapsed))
                     mfu = flops_per_token * tokens_per_s / peak if peak else None
                     log.log({"step": step, "loss": last.loss, "lr": lr, "grad_norm": last.grad_norm, "tokens": step * tokens_per_step,
                              "tokens_per_s": tokens_per_s, "mfu": mfu})
@@ -1177,7 +1179,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
             bar.close()
 
         # The end: a final checkpoint, the final evaluation, and samples.
-        average = trained_tokens / trained_seconds if trained_seconds else tokens_per_s
+        steady = windows[1:] or windows
+        average = sum(t for t, _ in steady) / sum(s for _, s in steady) if steady else tokens_per_s
         result = TrainResult(run, step, compressors=compressors, tokens_per_s=average,
                              mfu=flops_per_token * average / peak if peak else None)
         if not (saved_state is not None and saved_state["step"] == step):
