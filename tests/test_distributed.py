@@ -107,7 +107,7 @@ def test_init_distributed_outside_torchrun_says_how_to_launch(no_torchrun: pytes
         init_distributed()
     no_torchrun.setenv("RANK", "0")
     no_torchrun.setenv("WORLD_SIZE", "2")
-    with pytest.raises(DistributedError, match="half set: RANK, WORLD_SIZE set, but LOCAL_RANK, MASTER_ADDR, MASTER_PORT"):
+    with pytest.raises(DistributedError, match="half set: RANK, WORLD_SIZE set, but LOCAL_RANK, MASTER_ADDR, MASTER_PORT m"):
         init_distributed()
     assert not dist.is_initialized()
 
@@ -283,7 +283,8 @@ def launch(script: Path, out: Path, world_size: int = 2, timeout: float = 120.0)
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
         log = open(out / f"rank{rank}.log", "wb")
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, str(script), str(out)], env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([sys.executable, str(script), str(out)], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
     try:
         while any(p.poll() is None for p in procs):
@@ -300,8 +301,8 @@ def launch(script: Path, out: Path, world_size: int = 2, timeout: float = 120.0)
             log.close()
     codes = [p.returncode for p in procs]
     if codes != [0] * world_size:
-        text = "\n".join(f"--- rank {r} (exit status {c}) ---\n{(out / f'rank{r}.log').read_text(errors='replace')[-4000:]}"
-                         for r, c in enumerate(codes))
+        text = "\n".join(f"--- rank {r} (exit status {c}) ---\n"
+                         f"{(out / f'rank{r}.log').read_text(errors='replace')[-4000:]}" for r, c in enumerate(codes))
         raise AssertionError(f"the {world_size}-rank run failed or timed out after {timeout:.0f} s:\n{text}")
 
 
@@ -331,7 +332,8 @@ def test_every_rank_starts_from_rank0_and_ends_equal(ranks: list[dict[str, Any]]
 
 # SGD with momentum and weight decay on the matrices, 3 steps at learning rates 0.5, 0.3, 0.2.
 # Against the same-order reference: equal to the bit. Against the one-pass reference: within 1e-6,
-# the rounding of sums taken in another order (measured: 1.5e-8 per step; 6e-8 with accumulation).
+# the rounding of sums taken in another order (measured: 1.5e-8 for the LLM, 6e-8 with accumulation
+# and for the plain module).
 EXACT_SGD = ["ddp", "ddp_bucket", "ddp_accum", "plain_ddp", "zero1", "plain_zero1", "fsdp", "plain_fsdp"]
 
 
@@ -357,7 +359,8 @@ def test_data_parallel_buckets_group_several_tensors(ranks: list[dict[str, Any]]
 def test_sharded_optimizer_keeps_state_for_its_share_only(ranks: list[dict[str, Any]], name: str) -> None:
     owners = ranks[0][name]["owners"]
     assert ranks[1][name]["owners"] == owners  # every rank partitions alike, without talking
-    loads = [sum(ranks[0]["reference"][name]["initial"][n].numel() for n, r in owners.items() if r == rank) for rank in (0, 1)]
+    sizes = {n: p.numel() for n, p in ranks[0]["reference"][name]["initial"].items()}
+    loads = [sum(sizes[n] for n, r in owners.items() if r == rank) for rank in (0, 1)]
     assert abs(loads[0] - loads[1]) <= 2048  # balanced to within the largest tensor (the 64 x 32 embedding)
     trainable = {n for n in owners if n not in FROZEN}
     state = [set(ranks[r][name]["state_names"]) for r in (0, 1)]
@@ -408,7 +411,7 @@ def test_fsdp_keeps_a_shard_of_each_matrix_and_its_optimizer_state(ranks: list[d
 # with accumulation, FSDP reduce-scatters (averages over ranks) after each micro-batch, then adds
 # the micro-batches, where the reference adds the micro-batches first (measured: 1.2e-7 after 3 steps);
 # clip_grad_norm_ sums the squares shard by shard and then over ranks, torch's clip_grad_norm_ tensor
-# by tensor (measured: norms 1e-7 apart relative, parameters 4e-9). Both within 1e-6.
+# by tensor (measured: norms 2.3e-7 apart relative, parameters 4e-9). Both within 1e-6.
 @pytest.mark.slow
 def test_fsdp_accumulation_and_clipping(ranks: list[dict[str, Any]]) -> None:
     for name in ("fsdp_accum", "fsdp_clip"):
@@ -430,7 +433,8 @@ def test_fsdp_accumulation_and_clipping(ranks: list[dict[str, Any]]) -> None:
 # between bf16 and fp32 training; fp16: 5.9e-5 against 6.8e-5), so allow 2e-3 and 3e-4 there.
 @pytest.mark.slow
 @pytest.mark.parametrize("name, one_pass_tol", [("fsdp_bf16", 2e-3), ("fsdp_fp16", 3e-4)])
-def test_fsdp_mixed_precision_matches_the_same_casts(ranks: list[dict[str, Any]], name: str, one_pass_tol: float) -> None:
+def test_fsdp_mixed_precision_matches_the_same_casts(ranks: list[dict[str, Any]], name: str,
+                                                     one_pass_tol: float) -> None:
     ref = ranks[0]["reference"][name]
     got = ranks[0][name]["params"]
     assert all(p.dtype == torch.float32 for p in got.values())  # master weights stay fp32

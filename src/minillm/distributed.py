@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
 import sys
 import traceback
@@ -88,9 +87,9 @@ def torchrun_env(environ: Mapping[str, str] | None = None) -> tuple[int, int, in
         return None
     missing = [name for name in _TORCHRUN_VARS if name not in present]
     if missing:
-        raise DistributedError(f"the torchrun environment is half set: {', '.join(present)} set, but {', '.join(missing)} "
-                               "missing; launch with `torchrun --nproc_per_node=N script.py`, which sets all five, or unset "
-                               f"{', '.join(present)} to run a single process")
+        raise DistributedError(f"the torchrun environment is half set: {', '.join(present)} set, but "
+                               f"{', '.join(missing)} missing; launch with `torchrun --nproc_per_node=N script.py`, "
+                               f"which sets all five, or unset {', '.join(present)} to run a single process")
     values = {}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         try:
@@ -128,7 +127,8 @@ def init_distributed(backend: str | None = None, timeout: timedelta | float | No
         raise DistributedError(f"backend must be 'nccl' (GPUs) or 'gloo' (CPU), got {backend!r}")
     if backend == "nccl":
         if not torch.cuda.is_available():
-            raise DistributedError("backend 'nccl' needs CUDA, which this process cannot see; use backend='gloo' on the CPU")
+            raise DistributedError("backend 'nccl' needs CUDA, which this process cannot see; "
+                                   "use backend='gloo' on the CPU")
         if local_rank >= torch.cuda.device_count():
             raise DistributedError(f"LOCAL_RANK={local_rank} needs GPU {local_rank}, but this node shows "
                                    f"{torch.cuda.device_count()}; start at most that many processes per node "
@@ -139,8 +139,9 @@ def init_distributed(backend: str | None = None, timeout: timedelta | float | No
         device = torch.device("cpu")
     if dist.is_initialized():
         if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
-            raise DistributedError(f"a process group is already set up as rank {dist.get_rank()} of {dist.get_world_size()}, "
-                                   f"but the environment says rank {rank} of {world_size}; call cleanup_distributed() first")
+            raise DistributedError(f"a process group is already set up as rank {dist.get_rank()} of "
+                                   f"{dist.get_world_size()}, but the environment says rank {rank} of {world_size}; "
+                                   "call cleanup_distributed() first")
     else:
         kwargs: dict[str, Any] = {}
         if timeout is not None:
@@ -279,8 +280,9 @@ class DataParallel(nn.Module):
         if not self._sync_backward:
             return
         if id(p) in self._ready:
-            raise DistributedError(f"the gradient of {self._names[id(p)]!r} became ready twice in one synchronized backward; "
-                                   "call finish_gradient_synchronization() after each backward, or accumulate inside no_sync()")
+            raise DistributedError(f"the gradient of {self._names[id(p)]!r} became ready twice in one synchronized "
+                                   "backward; call finish_gradient_synchronization() after each backward, or "
+                                   "accumulate inside no_sync()")
         self._ready.add(id(p))
         b = self._bucket_of[id(p)]
         self._filled[b] += 1
@@ -395,7 +397,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "e.g. ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=3e-4)"
             raise TypeError(f"optimizer_cls must be a torch.optim.Optimizer class, got {optimizer_cls!r}; {hint}")
         if issubclass(optimizer_cls, ShardedOptimizer):
-            raise TypeError("optimizer_cls is itself a ShardedOptimizer; shard a plain optimizer such as torch.optim.AdamW")
+            raise TypeError("optimizer_cls is itself a ShardedOptimizer; shard a plain optimizer such as "
+                            "torch.optim.AdamW")
         self.rank, self.world_size = _world()
         self.optimizer_cls = optimizer_cls
         self.local_optimizer: torch.optim.Optimizer | None = None  # add_param_group, called by the base class, checks it
@@ -455,12 +458,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or set(state_dict) != {"rank", "world_size", "owners", "local"}:
-            raise DistributedError("not a ShardedOptimizer state dict (expected the keys rank, world_size, owners and local); "
-                                   "was it saved from a plain optimizer?")
+            raise DistributedError("not a ShardedOptimizer state dict (expected the keys rank, world_size, owners "
+                                   "and local); was it saved from a plain optimizer?")
         saved = (state_dict["rank"], state_dict["world_size"])
         if saved != (self.rank, self.world_size):
-            raise DistributedError(f"this optimizer shard was saved by rank {saved[0]} of {saved[1]}, but this is rank "
-                                   f"{self.rank} of {self.world_size}; each rank loads the file it saved, in a run of the same size")
+            raise DistributedError(f"this optimizer shard was saved by rank {saved[0]} of {saved[1]}, but this is "
+                                   f"rank {self.rank} of {self.world_size}; each rank loads the file it saved, "
+                                   "in a run of the same size")
         if list(state_dict["owners"]) != self.owners:
             raise DistributedError("the saved shard partitions other parameters than this optimizer's; build the optimizer "
                                    "over the same parameters, in the same groups and order, as when it was saved")
@@ -667,10 +671,11 @@ class FullyShardedDataParallel(nn.Module):
                  reduce_dtype: torch.dtype = torch.float32) -> None:
         _check_module(module, "FullyShardedDataParallel")
         if compute_dtype is not None and compute_dtype not in (torch.float32, *_LOW_PRECISION):
-            raise DistributedError(f"compute_dtype must be torch.bfloat16, torch.float16, torch.float32 or None (the shards' "
-                                   f"float32), got {compute_dtype!r}")
+            raise DistributedError(f"compute_dtype must be torch.bfloat16, torch.float16, torch.float32 or None "
+                                   f"(the shards' float32), got {compute_dtype!r}")
         if reduce_dtype not in (torch.float32, *_LOW_PRECISION):
-            raise DistributedError(f"reduce_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {reduce_dtype!r}")
+            raise DistributedError(f"reduce_dtype must be torch.float32, torch.bfloat16 or torch.float16, "
+                                   f"got {reduce_dtype!r}")
         rank, self.world_size = _world()
         super().__init__()
         for name, sub in module.named_modules():
@@ -722,8 +727,9 @@ class FullyShardedDataParallel(nn.Module):
         if len(missing) == len(trainable):
             return  # no backward since the last call: nothing to average
         if missing:
-            raise DistributedError(f"no gradient reached {missing} in this step, so they cannot be averaged; every trainable "
-                                   "parameter must get a gradient: freeze unused ones with requires_grad_(False) before wrapping")
+            raise DistributedError(f"no gradient reached {missing} in this step, so they cannot be averaged; every "
+                                   "trainable parameter must get a gradient: freeze unused ones with "
+                                   "requires_grad_(False) before wrapping")
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for p in trainable.values():
             by_dtype.setdefault(p.grad.dtype, []).append(p)
