@@ -285,6 +285,23 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from minillm.plan import PlanError, format_plan, plan, plan_from_config  # brings torch (meta device only)
+
+    options = dict(gpu_memory=args.gpu_memory, peak_flops=args.peak_flops, layout=args.layout, dtype=args.dtype,
+                   mfu=args.mfu, tokens_per_param=args.tokens_per_param)
+    try:
+        if args.config is not None:
+            p = plan_from_config(args.config, args.gpus, seq_len=args.seq_len, batch_size=args.batch, **options)
+        else:
+            p = plan(args.model, args.gpus, seq_len=args.seq_len,
+                     batch_size=1 if args.batch is None else args.batch, **options)
+    except PlanError as e:
+        raise CommandError(_describe(e)) from None
+    print(format_plan(p))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minillm", description="Build, train and use a small LLM.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
@@ -352,6 +369,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run folder written by 'minillm train'")
     p.add_argument("--out", help="the image to write (default: RUN/curves.png)")
     p.set_defaults(func=_cmd_plot)
+    p = sub.add_parser("plan", parents=[common], help="memory per GPU under DDP, ZeRO and FSDP, the strategy that fits, "
+                       "and the time of a compute-optimal run")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="a preset (tiny, gpt2-small, llama-350m, llama-1b, llama-3b, llama-7b) "
+                      "or a parameter count: 125M, 3B, 7e9")
+    what.add_argument("--config", help="a training config (TOML): its model, seq_len and batch_size")
+    p.add_argument("--gpus", default="1xH100", help="COUNTxNAME (default 1xH100; A100, H100 and H200 are known), "
+                   "or a COUNT with --gpu-memory and --peak-flops")
+    p.add_argument("--gpu-memory", type=float, metavar="GB", help="memory per GPU in GB (overrides the table)")
+    p.add_argument("--peak-flops", type=float, metavar="FLOPS", help="dense bf16 peak FLOP/s per GPU, e.g. 989e12")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's context, or the config's)")
+    p.add_argument("--batch", type=int, help="sequences per micro-batch per GPU (default 1, or the config's batch_size)")
+    p.add_argument("--layout", choices=("minillm", "mixed"), default="minillm",
+                   help="bytes per parameter: minillm's fp32 4+4+8 (default), or the ZeRO paper's mixed precision 2+2+12")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="the activations' (autocast) dtype")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization for the time estimate (default 0.4)")
+    p.add_argument("--tokens-per-param", type=float, default=20.0,
+                   help="training tokens per parameter (default 20: compute-optimal, Hoffmann et al. 2022)")
+    p.set_defaults(func=_cmd_plan)
     return parser
 
 
