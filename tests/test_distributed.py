@@ -211,6 +211,19 @@ def test_one_rank_is_the_plain_model(one_rank: None, engine: str) -> None:
     tensors_equal({n: p.detach() for n, p in got.items()}, {n: p.detach() for n, p in plain.named_parameters()}, engine)
 
 
+def test_fsdp_under_autocast_computes_as_the_plain_layers(one_rank: None) -> None:
+    plain = tiny_llm()
+    model = FullyShardedDataParallel(copy.deepcopy(plain))
+    ids, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    for m in (plain, model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(ids, targets)[1].backward()
+    model.finish_gradient_synchronization()
+    want = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    got = {n: p.grad.view(model.full_shapes[n]) for n, p in model.module.named_parameters() if p.requires_grad}
+    tensors_equal(got, want, "gradients under autocast")
+
+
 def test_data_parallel_catches_a_missing_finish_and_an_unused_parameter(one_rank: None) -> None:
     model = DataParallel(nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1)))
     x = torch.randn(4, 3)

@@ -368,8 +368,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
         optimizer = ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=3e-4, weight_decay=0.1)
 
-    Adam's moments and the fp32 master weights are 12 of the 16 bytes per parameter of mixed-precision
-    training; split over N ranks, they cost 12/N. The parameters are partitioned across the ranks as
+    In mixed-precision Adam training the optimizer holds 12 of the 16 bytes per parameter (an fp32
+    master copy and two moments); split over N ranks, they cost 12/N. The parameters are partitioned across the ranks as
     whole tensors, balanced by their number of elements (largest first, each to the rank with the
     fewest so far: the same answer on every rank, with no communication). Each rank builds
     `optimizer_cls(..., **kwargs)` over its share only, so only its share has state. `step()` steps
@@ -384,7 +384,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     `param_groups` are this optimizer's own: set a group's lr (or any option) there, as on any
     optimizer. step() copies every option into the local optimizer's groups before it steps, so
     a schedule written into param_groups, or a torch lr_scheduler, takes effect. Parameter groups
-    with their own settings work (weight decay on matrices only). `state` is the local optimizer's.
+    with their own settings work (weight decay on matrices only). `state` is the local optimizer's;
+    `owners[i]` is the rank that owns the i-th parameter, counting through the groups in order.
     `state_dict()` holds this rank's shard: save one file per rank, and load it on the same rank
     of a run with the same world size and parameters. A closure is evaluated once, before the step;
     optimizers that call it repeatedly (LBFGS) are not supported.
@@ -650,8 +651,8 @@ class FullyShardedDataParallel(nn.Module):
     before it is gathered (half the traffic), the layer's input and bias are cast, and the layer
     computes in that dtype. Weight gradients are added up and reduce-scattered in reduce_dtype,
     float32 by default (a sum of bf16 over many ranks loses digits); the shards and their gradients
-    stay float32: the master weights. Use compute_dtype rather than torch.autocast, which the other
-    layers would follow but the sharded ones only in part.
+    stay float32: the master weights. Under torch.autocast instead, the sharded layers compute as
+    nn.Linear would (to the bit), but gather float32 weights: compute_dtype halves that traffic.
 
     Any optimizer built on this wrapper's parameters updates the local shards and the replicated
     parameters, so its state is sharded as well (an optimizer that needs whole matrices, as Muon
