@@ -1,8 +1,8 @@
 """minillm: a small large-language model built from scratch, one chapter at a time.
 
 The public names of each chapter's module are re-exported here, in the order of the book. (The
-functions `minillm.generate.generate` and `minillm.train.train` are not: they share their modules'
-names.)
+functions `minillm.generate.generate`, `minillm.train.train` and `minillm.plan.plan` are not: they
+share their modules' names.)
 """
 
 from minillm.corpus import EOT, Corpus, CorpusError, Document, load_corpus, stdlib_corpus
@@ -13,6 +13,8 @@ from minillm.model import LLM, ConfigError, ModelConfig
 from minillm.data import DataError, RandomSampler, SequentialSampler, TokenShard, prepare
 from minillm.generate import sample_token, stream_text
 from minillm.train import TrainConfig, TrainError, load_for_inference
+from minillm.distributed import DataParallel, DistributedError, FullyShardedDataParallel, ShardedOptimizer
+from minillm.plan import Plan, PlanError
 
 __version__ = "0.1.0"
 
@@ -29,4 +31,6 @@ __all__ = [
     "DataError", "RandomSampler", "SequentialSampler", "TokenShard", "prepare",
     "sample_token", "stream_text",
     "TrainConfig", "TrainError", "load_for_inference",
+    # chapter 07: scaling out
+    "DataParallel", "DistributedError", "FullyShardedDataParallel", "ShardedOptimizer", "Plan", "PlanError",
 ]
