@@ -252,16 +252,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from minillm.train import load_config, train
 
+    # --strategy NAME is --set strategy=NAME, applied after the --set overrides (it is the more specific).
+    overrides = [*(args.set or ()), *([f"strategy={args.strategy}"] if args.strategy else [])]
     try:
-        cfg = load_config(args.config, args.set or ())
+        cfg = load_config(args.config, overrides)
         if args.resume:  # the run's own config, with this command's overrides on top
             if not (Path(cfg.out) / "config.toml").is_file():
                 raise CommandError(f"{cfg.out}: nothing to resume (no config.toml); start the run without --resume, "
                                    "or give the run's folder with --set out=RUN")
-            cfg = load_config(Path(cfg.out) / "config.toml", args.set or ())
+            cfg = load_config(Path(cfg.out) / "config.toml", overrides)
         result = train(cfg, resume=args.resume, force=args.force)
     except _train_errors() as e:
         raise CommandError(_describe(e)) from None
+    if not _is_main_process():  # under torchrun, rank 0 alone reports
+        return 0
     minutes, seconds = divmod(round(result.seconds), 60)
     mfu = f", MFU {result.mfu:.0%}" if result.mfu is not None else ""
     print(f"trained {result.run}: {result.step} steps in {minutes}m{seconds:02d}s ({result.tokens_per_s:,.0f} tokens/s{mfu})")
@@ -272,6 +276,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"--- sample {i} of {len(result.samples)} (temperature 0.8, top-k 50) ---\n{text}")
     print(f"run folder  {result.run} (minillm plot {result.run}; minillm sample --checkpoint {result.run} --prompt ...)")
     return 0
+
+
+def _is_main_process() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return not (dist is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
+def _exit_distributed(status: int) -> None:
+    """Under torchrun, end a training process that joined a process group with `status` now: leave
+    the group and os._exit (minillm.distributed.exit_worker), because gloo can abort at interpreter
+    exit after all the work is done, which torchrun would report as a failed run. No-op otherwise."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        from minillm.distributed import exit_worker
+
+        exit_worker(status)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -364,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field (repeat): --set max_steps=200 --set model.d_model=128")
     p.add_argument("--resume", action="store_true", help="continue the run in its out folder from its latest checkpoint")
     p.add_argument("--force", action="store_true", help="replace an existing run folder")
+    p.add_argument("--strategy", choices=("single", "ddp", "zero1", "zero2", "fsdp"),
+                   help="same as --set strategy=NAME; all but single run under torchrun --nproc_per_node=N")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("plot", parents=[common], help="draw a run's loss, learning rate, gradient norm and throughput")
     p.add_argument("run", help="a run folder written by 'minillm train'")
@@ -415,6 +437,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2), already printed
         return e.code if isinstance(e.code, int) else 2
     prog = " ".join(["minillm", args.command] + ([args.action] if getattr(args, "action", None) else []))
+    status = _run(args, prog)
+    if args.command == "train":
+        _exit_distributed(status)  # under torchrun: does not return
+    return status
+
+
+def _run(args: argparse.Namespace, prog: str) -> int:
     try:
         with _warnings_as_notes(prog):
             return args.func(args)

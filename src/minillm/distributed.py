@@ -34,11 +34,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# train.py imports this module only inside train(), so importing it here makes no cycle at load time.
+from minillm import train as T
 from minillm.model import _is_real
+from minillm.train import Strategy as _Strategy
 
 __all__ = [
     "DistributedError", "DistributedEnv", "torchrun_env", "init_distributed", "cleanup_distributed", "exit_worker",
     "DataParallel", "ShardedOptimizer", "FullyShardedDataParallel", "ShardedLinear", "ShardedEmbedding",
+    "make_strategy", "TorchDDP", "TorchZero1", "TorchFSDP",
 ]
 
 
@@ -785,3 +789,229 @@ class FullyShardedDataParallel(nn.Module):
         local = sum(w.shard_numel for w in self._weights.values())
         return (f"world_size={self.world_size}, sharded={len(self._weights)} weights ({local} elements on this rank), "
                 f"replicated={len(self._replicated)}, compute_dtype={self.compute_dtype}")
+
+
+# --------------------------------------------------------------------------------------------
+# torch's engines as training strategies (`minillm train --strategy NAME` under torchrun)
+
+
+TORCH_STRATEGIES = ("ddp", "zero1", "zero2", "fsdp")
+
+
+class _Distributed(_Strategy):
+    """What every torch-engine strategy shares: the process group, collectives for the loop, rank 0 writes."""
+
+    def __init__(self, env: DistributedEnv) -> None:
+        self.env = env
+        self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
+        self.module: nn.Module | None = None  # the wrapped model (DDP or the FSDP2 root)
+
+    def setup(self, cfg: Any, device: torch.device, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def _on_device(self, t: Tensor) -> Tensor:
+        # NCCL reduces GPU tensors only; gloo takes CPU tensors.
+        return t.to(self.device) if self.env.backend == "nccl" else t.cpu()
+
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        out = self._on_device(t.detach().clone())
+        dist.all_reduce(out)
+        return out.to(t.device)
+
+    def reduce_mean(self, t: Tensor) -> Tensor:
+        # gloo has no AVG: sum, then divide (exact for a power-of-2 world size).
+        return self.reduce_sum(t) / self.world_size
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.env.backend == "nccl":
+            dist.barrier(device_ids=[self.env.local_rank])
+        else:
+            dist.barrier()
+
+
+class TorchDDP(_Distributed):
+    """torch.nn.parallel.DistributedDataParallel: the whole model and optimizer on every rank.
+
+    Gradients are all-reduced in 25 MB buckets during backward (gradient_as_bucket_view: the
+    gradients are views into the buckets, no extra copy); accumulation skips the all-reduce on all
+    but the last micro-batch (no_sync). Every rank ends each step with the same weights and the same
+    optimizer state, so rank 0's optimizer.pt is the whole state: the checkpoint of a single-device run.
+    """
+
+    name = "ddp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.env.local_rank] if self.device.type == "cuda" else None
+        self.module = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+        return self.module
+
+    def no_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last else self.module.no_sync()
+
+
+class TorchZero1(TorchDDP):
+    """ZeRO-1: torch's DDP for the gradients, and this package's ShardedOptimizer (AdamW over the
+    parameter groups that minillm.train.build_optimizer makes), so each rank keeps the Adam moments
+    of its share of the tensors only. Its checkpoint holds one optimizer.rank{R}.pt per rank, which
+    only a run of the same world size can read."""
+
+    name = "zero1"
+    optimizer_format = "zero1"
+
+    def build_optimizer(self, model: nn.Module, cfg: Any, device: torch.device) -> torch.optim.Optimizer:
+        if cfg.optimizer != "adamw":
+            raise DistributedError(f"strategy=zero1 shards AdamW; optimizer={cfg.optimizer!r} is not supported with it: "
+                                   "use strategy=ddp, or optimizer=adamw")
+        groups = T.adamw_param_groups(model, cfg)
+        impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        return ShardedOptimizer(groups, torch.optim.AdamW, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **impl)
+
+    def _file(self, folder: Any) -> Any:
+        return folder / f"optimizer.rank{self.rank}.pt"
+
+    def save_optimizer(self, folder: Any, model: nn.Module, optimizer: Any) -> None:
+        torch.save(optimizer.state_dict(), self._file(folder))
+
+    def load_optimizer(self, folder: Any, model: nn.Module, optimizer: Any) -> None:
+        state = T._load_torch_file(self._file(folder))
+        try:
+            optimizer.load_state_dict(state)
+        except (DistributedError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise T.CheckpointError(f"{self._file(folder)} does not fit this rank's optimizer ({e})") from None
+
+
+class TorchFSDP(_Distributed):
+    """FSDP2: `fully_shard` on each transformer block, then on the root (the embedding, the final
+    norm and the output layer, tied or not). Each rank keeps 1/N of every parameter as a DTensor
+    (the same names and global shapes: p.dim() and parameter groups work as on the plain model);
+    a block's parameters are all-gathered for its forward and backward, and its gradients
+    reduce-scattered. reshard_after_forward=True frees the gathered block after forward (ZeRO-3,
+    strategy=fsdp); False keeps it until backward (ZeRO-2, strategy=zero2: more memory, one
+    all-gather less per step). On CUDA with bf16 the parameters are gathered and computed in bf16
+    and the gradients reduced in fp32 (MixedPrecisionPolicy); the shards stay fp32.
+
+    Accumulation: set_requires_gradient_sync(False) on all but the last micro-batch keeps the
+    unsharded gradients and reduce-scatters their sum once. Clipping measures the global norm
+    (clip_grad_norm_ on DTensor gradients reduces across ranks). The checkpoint's optimizer state
+    is a torch.distributed.checkpoint folder (each rank writes its shards; it can be loaded on
+    another number of ranks), and model.safetensors the full weights, gathered to rank 0.
+    """
+
+    optimizer_format = "dcp"
+
+    def __init__(self, env: DistributedEnv, reshard_after_forward: bool) -> None:
+        super().__init__(env)
+        self.reshard_after_forward = reshard_after_forward
+        self.name = "fsdp" if reshard_after_forward else "zero2"
+        self._plain: nn.Module | None = None
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kwargs: dict[str, Any] = {"reshard_after_forward": self.reshard_after_forward}
+        if self.device.type == "cuda" and getattr(self, "dtype", torch.float32) == torch.bfloat16:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        self.module = model
+        return model
+
+    def no_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        self.module.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor: the same on every rank
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, Tensor] | None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        # Gathered shard by shard into CPU memory on rank 0 only (the other ranks get an empty dict).
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.is_main else None
+
+    def inference_model(self, model: nn.Module) -> nn.Module | None:
+        full = self.full_state_dict(model)
+        if not self.is_main:
+            return None
+        if self._plain is None:
+            from minillm.model import LLM
+
+            self._plain = LLM(model.cfg).to(self.device)
+        state = dict(full)
+        if model.cfg.tie_embeddings:  # the checkpoint convention: one tensor for both names
+            state["lm_head.weight"] = state["token_embedding.weight"]
+        self._plain.load_state_dict(state)
+        return self._plain
+
+    def save_optimizer(self, folder: Any, model: nn.Module, optimizer: Any) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder / "optimizer"))
+
+    def load_optimizer(self, folder: Any, model: nn.Module, optimizer: Any) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        # A template of this run's shards (the state initialized with a zero-lr step), filled in place
+        # by dcp.load, which reads each saved shard's overlap with them: any world size works.
+        state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        try:
+            dcp.load(state, checkpoint_id=str(folder / "optimizer"))
+        except Exception as e:  # DCP reports a missing or foreign folder with its own error types
+            raise T.CheckpointError(f"{folder / 'optimizer'}: the DCP optimizer state cannot be loaded "
+                                                  f"({' '.join(str(e).split())[:300]})") from None
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def make_strategy(name: str, device: str = "auto") -> _Strategy:
+    """The training strategy `name` (minillm.train.STRATEGIES), in the process group that torchrun prepared.
+
+    "single" is one process on one device. "ddp", "zero1", "zero2" and "fsdp" need torchrun's
+    environment (a world of 1 is fine); the process group is set up here (init_distributed: NCCL
+    with GPU LOCAL_RANK per rank when CUDA is there and `device` allows it, else gloo on the CPU).
+    """
+    if name not in T.STRATEGIES:
+        raise T.TrainError(f"strategy must be {' or '.join(map(repr, T.STRATEGIES))}, got {name!r}")
+    if name == "single":
+        return T.SingleDevice()
+    if torchrun_env() is None:
+        raise T.TrainError(f"strategy={name} runs one process per device, started by torchrun: "
+                           f"`torchrun --nproc_per_node=N -m minillm train --strategy {name} ...` (N GPUs, or N CPU "
+                           "processes); for one process without torchrun use strategy=single")
+    if device.split(":")[0] == "mps" or (device.startswith("cuda:")):
+        raise T.TrainError(f"device={device!r} cannot be used under torchrun: each rank uses GPU LOCAL_RANK (device=auto "
+                           "or cuda), or the CPU (device=cpu); MPS has no multi-process backend")
+    backend = "gloo" if device == "cpu" or not torch.cuda.is_available() else "nccl"
+    if device == "cuda" and backend != "nccl":
+        raise T.TrainError("device='cuda' but CUDA is not available here; use device=auto or device=cpu")
+    try:
+        env = init_distributed(backend)
+    except DistributedError as e:
+        raise T.TrainError(str(e)) from None
+    if name == "ddp":
+        return TorchDDP(env)
+    if name == "zero1":
+        return TorchZero1(env)
+    return TorchFSDP(env, reshard_after_forward=name == "fsdp")

@@ -47,10 +47,15 @@ from minillm.tokenizer import Tokenizer
 
 __all__ = [
     "TrainError", "CheckpointError", "NonFiniteError", "TrainConfig", "load_config", "apply_overrides",
-    "config_to_toml", "lr_at", "build_optimizer", "MultiOptimizer", "Strategy", "SingleDevice", "lm_loss",
+    "config_to_toml", "lr_at", "build_optimizer", "MultiOptimizer", "Strategy", "SingleDevice",
+    "checkpoint_blocks", "STRATEGIES", "lm_loss",
     "train_step", "evaluate", "peak_flops", "cpu_matmul_peak", "save_checkpoint", "load_checkpoint",
     "latest_checkpoint", "load_for_inference", "train", "TrainResult", "plot_run",
 ]
+
+
+# The values of TrainConfig.strategy: one process, or torch's engines under torchrun (minillm.distributed.make_strategy).
+STRATEGIES = ("single", "ddp", "zero1", "zero2", "fsdp")
 
 
 class TrainError(ValueError):
@@ -86,6 +91,8 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda, else mps, else cpu
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA with bf16 support, else float32
     compile: bool = False
+    strategy: str = "single"  # or "ddp", "zero1", "zero2", "fsdp" under torchrun (minillm.distributed, chapter 07)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     # How much data per step, and for how long.
     batch_size: int = 16  # sequences per micro-batch (per process)
     seq_len: int = 256
@@ -116,7 +123,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     logger: str = "none"  # or "tensorboard", "wandb" (optional packages)
-    peak_flops: float = 0.0  # 0: look the device up (GPU table, or a measured CPU matmul peak)
+    peak_flops: float = 0.0  # per device; 0: look the device up (GPU table, or a measured CPU matmul peak)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -146,10 +153,13 @@ class TrainConfig:
         need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
         for name, choices in (("schedule", ("cosine", "wsd")), ("wsd_decay_shape", ("linear", "sqrt")),
                               ("optimizer", ("adamw", "muon")), ("dtype", ("auto", "float32", "bfloat16")),
-                              ("logger", ("none", "tensorboard", "wandb"))):
+                              ("logger", ("none", "tensorboard", "wandb")), ("strategy", STRATEGIES)):
             need(getattr(self, name) in choices, f"{name} must be {' or '.join(map(repr, choices))}, got {getattr(self, name)!r}")
         need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
              f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
+        need(not (self.optimizer == "muon" and self.strategy in ("zero1", "zero2", "fsdp")),
+             f"optimizer='muon' cannot run with strategy={self.strategy!r}: Muon orthogonalizes whole matrices, and this "
+             "strategy shards them (or their optimizer state, by torch's own partition); use strategy=ddp, or optimizer=adamw")
         need(self.out != "", "out (the run folder) is empty; give a folder, e.g. out=runs/tiny")
         need(self.decay_end == 0 or self.decay_end > self.warmup_steps,
              f"decay_end ({self.decay_end}) must come after warmup_steps ({self.warmup_steps}), or be 0 for max_steps")
@@ -455,6 +465,14 @@ class MultiOptimizer:
 Optimizer = torch.optim.Optimizer | MultiOptimizer
 
 
+def adamw_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW's two groups: the matrices (p.dim() >= 2) with weight decay, the rest without. Under
+    FSDP2 the parameters are DTensors that keep their global shape, so dim() sorts them the same."""
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied weight comes once
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+
+
 def build_optimizer(model: LLM, cfg: TrainConfig, device: torch.device) -> Optimizer:
     """AdamW (or Muon + AdamW) with weight decay on the matrices only.
 
@@ -470,9 +488,7 @@ def build_optimizer(model: LLM, cfg: TrainConfig, device: torch.device) -> Optim
     impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
     adamw_kw = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **impl)
     if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-                                 {"params": vectors, "weight_decay": 0.0, "lr_scale": 1.0}], **adamw_kw)
-        return opt
+        return torch.optim.AdamW(adamw_param_groups(model, cfg), **adamw_kw)
     # Muon orthogonalizes the update of a hidden matrix; the embedding, the output layer and the
     # vectors keep AdamW (Muon's authors' recommendation: the ends of the network are not "hidden").
     ends = {id(p) for m in (model.token_embedding, model.lm_head, model.pos_embedding) if m is not None
@@ -576,32 +592,105 @@ def lm_loss(model: torch.nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     return model(x, y)[1]
 
 
+def checkpoint_blocks(model: LLM) -> LLM:
+    """Activation checkpointing: each transformer block keeps only its input in training, and
+    backward recomputes the rest (torch.utils.checkpoint, non-reentrant). Memory for activations
+    falls from all of every block's tensors to one (B, T, d_model) input per block, for about one
+    more forward pass of compute. The recomputation replays the same operations (and the RNG state,
+    for dropout), so the loss and the gradients are those without it, to the bit.
+
+    The blocks' own `forward` is replaced on the instances, so parameter names, state dicts and
+    FSDP2's per-block sharding (applied after this) are unchanged. Inference (no grad, eval mode or
+    a KV cache) runs the plain forward. Returns the model.
+    """
+    for block in model.blocks:
+        # A bound method on the instance (not a closure): a deep copy of the model rebinds it to the copy.
+        block.forward = types.MethodType(_checkpointed_forward, block)
+    return model
+
+
+def _checkpointed_forward(block: torch.nn.Module, x: Tensor, cache: Any = None, **kwargs: Any) -> Tensor:
+    from torch.utils.checkpoint import checkpoint
+
+    plain = functools.partial(type(block).forward, block)  # the class's forward (FSDP2's subclass keeps it)
+    if cache is None and block.training and torch.is_grad_enabled():
+        return checkpoint(plain, x, None, use_reentrant=False, **kwargs)
+    return plain(x, cache, **kwargs)
+
+
 class Strategy:
     """How the step is spread over devices. This one: a single process on one device.
 
-    Chapter 07 subclasses it for DDP and FSDP: `wrap` the model, skip the gradient all-reduce on
-    all but the last micro-batch (`no_sync`), average logged numbers across ranks (`reduce_mean`),
-    and let only the main process write files.
+    minillm.distributed subclasses it for torch's DDP, ZeRO-1 and FSDP2 (chapter 07). The loop calls,
+    in order: `setup` (the run's config, device and dtype), `wrap` (before the optimizer is built:
+    FSDP2 must shard the parameters first), `build_optimizer`; each step `no_sync` around all but
+    the last micro-batch, `clip_grad_norm_`, `reduce_mean` for the logged numbers; and for
+    checkpoints `full_state_dict`, `save_optimizer` / `load_optimizer`, with `gather_object` and
+    `barrier` to line the ranks up. Only the main process writes files.
     """
 
     rank: int = 0
     world_size: int = 1
+    name: str = "single"
+    # How the optimizer state is stored in a checkpoint: "full" (optimizer.pt, one file for the whole
+    # model), "zero1" (one file per rank) or "dcp" (a torch.distributed.checkpoint folder, reshardable).
+    optimizer_format: str = "full"
+    device: torch.device | None = None  # the device this rank must use (a GPU per rank); None: cfg.device decides
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def setup(self, cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> None:
+        """Called once before `wrap`, with the run's config, device and autocast dtype."""
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
+
+    def build_optimizer(self, model: LLM, cfg: TrainConfig, device: torch.device) -> Optimizer:
+        """The optimizer over `model` (the unwrapped LLM, sharded in place if the strategy shards)."""
+        return build_optimizer(model, cfg, device)
 
     def no_sync(self, model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
+    def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> Tensor:
+        """Clip the gradients to a total norm of `max_norm` (inf: only measure); the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
     def reduce_mean(self, t: Tensor) -> Tensor:
         return t
 
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        return t
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (JSON-like), in rank order, on every rank."""
+        return [obj]
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj`, on every rank."""
+        return obj
+
     def barrier(self) -> None:
         pass
+
+    def full_state_dict(self, model: LLM) -> dict[str, Tensor] | None:
+        """The whole model's weights on the main process (None elsewhere). A collective under FSDP."""
+        return model.state_dict() if self.is_main else None
+
+    def inference_model(self, model: LLM) -> LLM | None:
+        """A plain LLM with the current weights on the main process, for sampling (None elsewhere)."""
+        return model if self.is_main else None
+
+    def save_optimizer(self, folder: Path, model: LLM, optimizer: Optimizer) -> None:
+        """Write the optimizer state into the checkpoint folder being built (every rank calls it)."""
+        if self.is_main:
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load_optimizer(self, folder: Path, model: LLM, optimizer: Optimizer) -> None:
+        """Restore what `save_optimizer` wrote (every rank calls it)."""
+        _load_optimizer_file(optimizer, folder / "optimizer.pt")
 
 
 class SingleDevice(Strategy):
@@ -634,7 +723,7 @@ def train_step(model: torch.nn.Module, optimizer: Optimizer, next_batch: Callabl
         (loss / accum).backward()
         total += loss.detach()
     # clip_grad_norm_ returns the norm before clipping; with max_norm=inf it only measures.
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    norm = strategy.clip_grad_norm_(model, grad_clip if grad_clip > 0 else float("inf"))
     loss_value, norm_value = strategy.reduce_mean(torch.stack([total / accum, norm.float()])).tolist()
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         raise NonFiniteError(f"step {step}: the loss is {loss_value} and the gradient norm {norm_value}; the update was "
@@ -646,7 +735,8 @@ def train_step(model: torch.nn.Module, optimizer: Optimizer, next_batch: Callabl
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[Any], *, loss_fn: LossFn = lm_loss,
              amp: contextlib.AbstractContextManager | None = None, strategy: Strategy | None = None) -> tuple[float, int]:
-    """The mean loss over `batches` (each weighted by its number of targets) and that number."""
+    """The mean loss over `batches` (each weighted by its number of targets) and that number; under a
+    distributed strategy, over every rank's batches (a collective: every rank must call it)."""
     strategy = strategy or SingleDevice()
     was_training = model.training
     model.eval()
@@ -660,6 +750,9 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Any], *, loss_fn: LossFn 
             count += n
     finally:
         model.train(was_training)
+    if strategy.world_size > 1:  # each rank scored its own windows: the mean over all of them
+        total, count = strategy.reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
+        count = int(count)
     return (total / count if count else float("nan")), count
 
 
@@ -687,9 +780,10 @@ def _safetensors():
     return safetensors.torch
 
 
-def _model_tensors(model: LLM) -> dict[str, Tensor]:
-    """The weights to save: one copy of a tied matrix (safetensors refuses shared storage)."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+def _model_tensors(model: LLM, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The weights to save (`state`, default the model's): one copy of a tied matrix (safetensors
+    refuses shared storage)."""
+    state = {k: v.detach().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     return state
@@ -740,6 +834,48 @@ def save_checkpoint(folder: str | os.PathLike[str], model: LLM, optimizer: Optim
     return folder
 
 
+def _save_distributed_checkpoint(folder: Path, model: LLM, optimizer: Optimizer, tokenizer: Tokenizer, cfg: TrainConfig,
+                                state: dict[str, Any], sampler: BatchSource, strategy: Strategy) -> None:
+    """A checkpoint written by every rank of a distributed run, as one step. A collective.
+
+    Rank 0 opens the temporary folder (minillm.files.atomic_dir, beside the target: the same
+    filesystem, which every rank must see) and broadcasts its name. Rank 0 writes the full weights
+    (model.safetensors, gathered from the shards under FSDP), the tokenizer and the config; the
+    strategy writes the optimizer state (optimizer.pt from rank 0, one optimizer.rank{R}.pt per rank
+    under zero1, or a DCP folder optimizer/ under fsdp and zero2, each rank its shards). After a
+    barrier every rank hashes its share of the files; rank 0 writes state.json last (the step, the
+    world size, every rank's sampler and RNG state, and the SHA-256 of every other file, the DCP
+    folder's included), and moves the folder into place. A crash before that leaves a hidden
+    .step_*.tmp folder, which the next run removes.
+    """
+    is_main = strategy.is_main
+    with atomic_dir(folder, overwrite=True) if is_main else contextlib.nullcontext(None) as tmp:
+        tmp = Path(strategy.broadcast_object(str(tmp) if is_main else None))
+        full = strategy.full_state_dict(model)  # a collective under FSDP; the tensors on rank 0 only
+        if is_main:
+            _safetensors().save_file(_model_tensors(model, full), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            tokenizer.save(tmp / "tokenizer.bpe")
+            (tmp / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")
+        del full
+        strategy.save_optimizer(tmp, model, optimizer)
+        ranks = strategy.gather_object({"sampler": sampler.state_dict(), "rng": rng_state()})
+        strategy.barrier()  # every file is written: list them (the same list on every rank) and share the hashing
+        names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        mine = {name: _sha256(tmp / name) for i, name in enumerate(names) if i % strategy.world_size == strategy.rank}
+        files = {k: v for part in strategy.gather_object(mine) for k, v in part.items()}
+        if is_main:
+            for path in tmp.rglob("*"):  # atomic_dir syncs the top level; the DCP folder's files are synced here
+                if path.is_file() and path.parent != tmp:
+                    with open(path, "rb+") as f:
+                        os.fsync(f.fileno())
+            full_state = {"format": _STATE_FORMAT, **state, "sampler": ranks[0]["sampler"], "rng": ranks[0]["rng"],
+                          "model_config": model.cfg.to_dict(), "strategy": strategy.name, "world_size": strategy.world_size,
+                          "optimizer_format": strategy.optimizer_format, "ranks": ranks,
+                          "files": {name: files[name] for name in names}}
+            (tmp / "state.json").write_text(json.dumps(full_state), encoding="utf-8")
+    strategy.barrier()  # the folder is in place before any rank goes on
+
+
 def _checkpoints(run: Path) -> list[Path]:
     """The complete checkpoints of a run, oldest first (a half-written one is still a hidden .tmp folder)."""
     folder = run / "checkpoints"
@@ -754,8 +890,13 @@ def latest_checkpoint(run: str | os.PathLike[str]) -> Path | None:
     return found[-1] if found else None
 
 
-def _read_state(folder: Path) -> dict[str, Any]:
-    """state.json, after checking that the checkpoint's files are there and match their checksums."""
+def _read_state(folder: Path, part: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """state.json, after checking that the checkpoint's files are there and match their checksums.
+
+    Every file that state.json lists is checked (a distributed checkpoint lists its per-rank and DCP
+    files too). With `part` = (rank, world_size), this process hashes only every world_size-th file
+    from the rank-th on, so that the ranks of a resumed run share the work (the caller gathers errors).
+    """
     previous = [p.name for p in _checkpoints(folder.parent.parent) if p != folder] if folder.parent.name == "checkpoints" else []
     fix = (f"delete {folder} to resume from the previous checkpoint ({previous[-1]})" if previous
            else "this run has no other checkpoint; start it again")
@@ -765,13 +906,18 @@ def _read_state(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder}: no state.json; not a checkpoint folder of minillm.train ({fix})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{folder}/state.json is unreadable ({type(e).__name__}); the file is truncated or foreign: {fix}") from None
-    if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT or not isinstance(state.get("files", {}), dict):
         raise CheckpointError(f"{folder}/state.json is not a minillm checkpoint state ({_STATE_FORMAT}): {fix}")
-    for name in _CHECKPOINT_FILES:
+    recorded = state.get("files", {})
+    required = _CHECKPOINT_FILES if state.get("optimizer_format", "full") == "full" else _CHECKPOINT_FILES[:1] + _CHECKPOINT_FILES[2:]
+    names = list(required) + sorted(set(recorded) - set(required))
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or name.startswith("/") or ".." in Path(name).parts:
+            raise CheckpointError(f"{folder}/state.json lists a file outside the checkpoint ({name!r}): {fix}")
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: {fix}")
-        if _sha256(path) != state.get("files", {}).get(name):
+        if i % part[1] == part[0] and _sha256(path) != recorded.get(name):
             raise CheckpointError(f"{path} does not match the checksum that state.json recorded (truncated or replaced): {fix}")
     return state
 
@@ -799,6 +945,14 @@ def _load_torch_file(path: Path) -> Any:
                               "optimizer.pt must be plain tensors written by minillm.train") from None
 
 
+def _load_optimizer_file(optimizer: Optimizer, path: Path) -> None:
+    opt_state = _load_torch_file(path)
+    try:
+        optimizer.load_state_dict(opt_state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not fit the optimizer ({e})") from None
+
+
 def load_checkpoint(folder: str | os.PathLike[str], model: LLM, optimizer: Optimizer | None = None,
                     *, restore_rng: bool = True) -> dict[str, Any]:
     """Load a checkpoint into `model` (and `optimizer`); returns its state (step, sampler, config...).
@@ -808,11 +962,10 @@ def load_checkpoint(folder: str | os.PathLike[str], model: LLM, optimizer: Optim
     state = _read_state(folder)
     _load_model_file(model, folder / "model.safetensors")
     if optimizer is not None:
-        opt_state = _load_torch_file(folder / "optimizer.pt")
-        try:
-            optimizer.load_state_dict(opt_state)
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"{folder}/optimizer.pt does not fit the optimizer ({e})") from None
+        if state.get("optimizer_format", "full") != "full":
+            raise CheckpointError(f"{folder} holds {state['optimizer_format']} optimizer state (strategy="
+                                  f"{state.get('strategy')!r}); resume it with `minillm train --resume` under that strategy")
+        _load_optimizer_file(optimizer, folder / "optimizer.pt")
     if restore_rng:
         set_rng_state(state["rng"])
     return state
@@ -977,8 +1130,10 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _open_run(cfg: TrainConfig, resume: bool, force: bool, is_main: bool) -> tuple[Path, Path | None]:
-    """The run folder, checked: a new run needs an empty or missing folder (or force), a resumed one a checkpoint."""
+def _open_run(cfg: TrainConfig, resume: bool, force: bool, strategy: Strategy) -> tuple[Path, Path | None]:
+    """The run folder, checked: a new run needs an empty or missing folder (or force), a resumed one a checkpoint.
+    Every rank checks before the main process changes anything (else a late rank sees the new run's files)."""
+    is_main = strategy.is_main
     run = Path(cfg.out)
     if resume:
         ckpt = latest_checkpoint(run)
@@ -990,16 +1145,39 @@ def _open_run(cfg: TrainConfig, resume: bool, force: bool, is_main: bool) -> tup
             raise OutputError(f"{run} exists; pass --resume to continue that run, --force to replace it, or choose another out=")
         if not (run / "config.toml").exists():
             raise OutputError(f"{run} is not a run folder (no config.toml), so --force will not delete it; choose another out=")
+        strategy.barrier()
         if is_main:
             shutil.rmtree(run)
+    else:
+        strategy.barrier()
     if is_main:
         run.mkdir(parents=True, exist_ok=True)
     return run, None
 
 
-# Fields that a resumed run must keep: they decide what the checkpoint's numbers mean.
+# Fields that a resumed run must keep: they decide what the checkpoint's numbers mean. `strategy` is
+# not one of them: what a resume needs is the checkpoint's *format*, which strategies share (single
+# and ddp write optimizer.pt; fsdp and zero2 a DCP folder of the same FSDP2 state), and the world
+# size; _check_resume_layout checks both and names the strategies that can read the checkpoint.
 _FIXED_ON_RESUME = ("model", "model_overrides", "data", "tokenizer", "seed", "batch_size", "seq_len", "tokens_per_step",
                     "optimizer", "val_fraction")
+_READERS = {"full": "single or ddp", "zero1": "zero1", "dcp": "fsdp or zero2"}  # who reads each optimizer format
+
+
+def _check_resume_layout(saved: dict[str, Any], strategy: Strategy) -> bool:
+    """Can this strategy resume the checkpoint whose state.json is `saved`? True if on the same world
+    size (exact), False if on another (fsdp/zero2 only: DCP reshards); raises TrainError otherwise."""
+    fmt, world, name = saved.get("optimizer_format", "full"), saved.get("world_size", 1), saved.get("strategy", "single")
+    if fmt != strategy.optimizer_format:
+        raise TrainError(f"the checkpoint was written with strategy={name} (optimizer state: {fmt}), which strategy="
+                         f"{strategy.name} cannot read; resume with strategy={_READERS[fmt]}")
+    if world == strategy.world_size:
+        return True
+    if fmt != "dcp":
+        raise TrainError(f"the checkpoint was written by {world} process(es) and this run has {strategy.world_size}: "
+                         f"strategy={name} cannot reshard its state; resume with `torchrun --nproc_per_node={world}` "
+                         "(or one process for a single-device run), or train with strategy=fsdp, whose DCP checkpoints reshard")
+    return False
 
 
 def _sample(model: LLM, tok: Tokenizer, cfg: TrainConfig, draw: int, device: torch.device) -> str:
@@ -1023,29 +1201,54 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     """
     from minillm import data
 
-    strategy = strategy or SingleDevice()
+    if strategy is None:
+        if cfg.strategy == "single":
+            strategy = SingleDevice()
+        else:
+            from minillm.distributed import make_strategy
+
+            strategy = make_strategy(cfg.strategy, device=cfg.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and strategy.world_size == 1:
         raise TrainError("this process was started by torchrun with WORLD_SIZE > 1, but the strategy is a single device: "
-                         "every copy would write the same run folder. Pass a distributed strategy (chapter 07) or run one process")
+                         "every copy would write the same run folder; pass --strategy ddp, zero1, zero2 or fsdp, or run one process")
     is_main = strategy.is_main
     progress = (sys.stderr.isatty() if progress is None else progress) and is_main
     start_time = time.perf_counter()
 
-    run, ckpt = _open_run(cfg, resume, force, is_main)
+    run, ckpt = _open_run(cfg, resume, force, strategy)
     saved_state: dict[str, Any] | None = None
+    same_world = True
     if ckpt is not None:
-        saved_state = _read_state(ckpt)
+        if strategy.world_size == 1:
+            saved_state = _read_state(ckpt)
+        else:  # the ranks share the hashing; an error on any rank stops all of them
+            error = None
+            try:
+                saved_state = _read_state(ckpt, part=(strategy.rank, strategy.world_size))
+            except CheckpointError as e:
+                error = str(e)
+            errors = [e for e in strategy.gather_object(error) if e]
+            if errors:
+                raise CheckpointError(errors[0])
         old = TrainConfig.from_dict(saved_state["config"])
         changed = [k for k in _FIXED_ON_RESUME if getattr(old, k) != getattr(cfg, k)]
         if changed:
             raise TrainError(f"cannot resume with a different {', '.join(changed)} (the checkpoint has "
                              f"{', '.join(f'{k}={getattr(old, k)!r}' for k in changed)}); keep them, or start a new run")
+        same_world = _check_resume_layout(saved_state, strategy)
+        if not same_world and is_main:
+            import warnings
+
+            warnings.warn(f"resuming a checkpoint of {saved_state['world_size']} processes on {strategy.world_size}: the "
+                          "weights and optimizer state are resharded exactly, but each rank's data stream continues as a "
+                          f"run of {strategy.world_size} would have it, so the batches differ from the saved run's",
+                          stacklevel=2)
 
     # Seed everything before anything random is made; a resumed run restores the RNGs later.
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = strategy.device or resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer: fp32 range, 10-bit mantissa
@@ -1069,23 +1272,38 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     sampler = data.RandomSampler(train_shard, cfg.batch_size, cfg.seq_len, cfg.seed, rank=strategy.rank,
                                  world_size=strategy.world_size, device=device)
 
-    def val_batches(max_batches: int) -> Iterable[Any]:
-        return data.SequentialSampler(val_shard, cfg.batch_size, cfg.seq_len, rank=strategy.rank, world_size=strategy.world_size,
+    def val_batches(max_batches: int, rank: int = strategy.rank, world_size: int = strategy.world_size) -> Any:
+        return data.SequentialSampler(val_shard, cfg.batch_size, cfg.seq_len, rank=rank, world_size=world_size,
                                       max_batches=max_batches or None, device=device)
 
-    # The model and the optimizer.
+    # The model: built whole (and its FLOPs and size counted) on every rank, the checkpoint's weights
+    # loaded, then wrapped, which under FSDP shards it in place; the optimizer is built after that,
+    # on the parameters the strategy left (FSDP2's DTensor shards), and its state loaded last.
+    # torch.compile goes around the wrapped model (DDP and FSDP2 both document that order).
     raw_model = LLM(model_cfg).to(device)
-    optimizer = build_optimizer(raw_model, cfg, device)
+    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(raw_model)
     step = 0
     if saved_state is not None:
-        load_checkpoint(ckpt, raw_model, optimizer, restore_rng=False)
-        sampler.load_state_dict(saved_state["sampler"])
+        _load_model_file(raw_model, ckpt / "model.safetensors")
         step = saved_state["step"]
-    model = strategy.wrap(torch.compile(raw_model) if cfg.compile else raw_model)
+        if not same_world:  # this rank's own stream, where a run of this world size would be at this step
+            sampler.load_state_dict({**saved_state["sampler"], "world_size": strategy.world_size, "rank": -1,
+                                     "batches": step * accum})
+        else:
+            sampler.load_state_dict(saved_state["ranks"][strategy.rank]["sampler"] if "ranks" in saved_state
+                                    else saved_state["sampler"])
+    strategy.setup(cfg, device, dtype)
+    wrapped = strategy.wrap(raw_model)
+    optimizer = strategy.build_optimizer(raw_model, cfg, device)
+    if saved_state is not None:
+        strategy.load_optimizer(ckpt, raw_model, optimizer)
+    model = torch.compile(wrapped) if cfg.compile else wrapped
     model.train()
 
-    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
-    peak = peak_flops(device, dtype, cfg.peak_flops)
+    # The throughput logged is the whole run's (every rank's tokens), so MFU is against every device's peak.
+    peak = peak_flops(device, dtype, cfg.peak_flops) * strategy.world_size
     log = RunLog(run, cfg, is_main, step if saved_state is not None else None)
     tokens_per_step = cfg.batch_size * cfg.seq_len * accum * strategy.world_size
 
@@ -1102,8 +1320,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
 
         def eval_row(max_batches: int, kind: str) -> dict[str, Any]:
             loss, n_tokens = evaluate(model, val_batches(max_batches), loss_fn=loss_fn, amp=amp, strategy=strategy)
-            if max_batches not in byte_counts:
-                byte_counts[max_batches] = len(target_bytes(val_batches(max_batches)))
+            if max_batches not in byte_counts:  # each rank decodes its own windows; the sum is the whole text's
+                own = len(target_bytes(val_batches(max_batches)))
+                byte_counts[max_batches] = int(strategy.reduce_sum(torch.tensor([own], dtype=torch.float64)).item())
             n_bytes = byte_counts[max_batches]
             row = {"step": step, "kind": kind, "val_loss": loss, "val_tokens": n_tokens, "val_bytes": n_bytes,
                    "val_bpb": data.bits_per_byte(loss, n_tokens, n_bytes)}
@@ -1113,8 +1332,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
             return row
 
         compressors: dict[str, float] = {}
-        if saved_state is None:
-            text = target_bytes(val_batches(cfg.final_eval_batches))
+        if saved_state is None and is_main:
+            # The windows the final evaluation scores on all ranks together, read by this process alone.
+            whole = len(val_batches(cfg.final_eval_batches)) * strategy.world_size
+            text = target_bytes(val_batches(whole, 0, 1))
             compressors = data.compressor_bits_per_byte(text)
             log.log({"step": 0, "kind": "compressors", "bytes": len(text), **compressors})
         else:
@@ -1122,14 +1343,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
             compressors = {k: v for k, v in compressors.items() if k not in ("step", "kind", "bytes")}
 
         def checkpoint() -> None:
+            folder = run / "checkpoints" / f"step_{step:07d}"
             if is_main:
-                folder = run / "checkpoints" / f"step_{step:07d}"
                 folder.parent.mkdir(exist_ok=True)
+            if isinstance(strategy, SingleDevice):
                 save_checkpoint(folder, raw_model, optimizer, tok, cfg, {"step": step, "sampler": sampler.state_dict(),
                                                                          "config": cfg.to_dict()})
+            else:
+                _save_distributed_checkpoint(folder, raw_model, optimizer, tok, cfg, {"step": step, "config": cfg.to_dict()},
+                                             sampler, strategy)
+            if is_main:
                 for old in _checkpoints(run)[:-cfg.keep_checkpoints or None]:
                     shutil.rmtree(old)
             strategy.barrier()
+
+        def samples(draws: Iterable[int]) -> list[str]:
+            """Continuations drawn on the main process from a plain model (a collective under FSDP)."""
+            plain = strategy.inference_model(raw_model)
+            return [_sample(plain, tok, cfg, draw, device) for draw in draws] if is_main else []
 
         if is_main:  # a checkpoint cut short by a crash stays behind as a hidden temporary folder
             for tmp in (run / "checkpoints").glob(".step_*.tmp"):
@@ -1167,8 +1398,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                     row = eval_row(cfg.eval_batches, "eval")
                     bar.set_postfix(loss=f"{last.loss:.3f}", val=f"{row['val_loss']:.3f}", refresh=False)
-                if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps and is_main:
-                    log.sample(step, cfg.sample_prompt, _sample(raw_model, tok, cfg, step, device))
+                if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
+                    for text in samples([step]):
+                        log.sample(step, cfg.sample_prompt, text)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                     checkpoint()
                 if cfg.log_every and step % cfg.log_every == 0:
@@ -1187,10 +1419,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
             checkpoint()
         final = eval_row(cfg.final_eval_batches, "final")
         result.val_loss, result.val_bpb = final["val_loss"], final["val_bpb"]
-        if is_main and cfg.sample_tokens:
-            for i in range(3):  # three draws, so that a reader sees more than one continuation
-                result.samples.append(_sample(raw_model, tok, cfg, step + i, device))
-                log.sample(step, cfg.sample_prompt, result.samples[-1], final=True)
+        if cfg.sample_tokens:
+            result.samples = samples(range(step, step + 3))  # three draws: a reader sees more than one continuation
+            for text in result.samples:
+                log.sample(step, cfg.sample_prompt, text, final=True)
     finally:
         log.close()
     result.seconds = time.perf_counter() - start_time
