@@ -15,6 +15,11 @@ alike). They are small on purpose: torch's own engines (`DistributedDataParallel
 
 Every engine works on the default process group and on any `nn.Module`, not only `minillm.LLM`.
 A worker process should end with `exit_worker()` (see there: gloo can abort at exit otherwise).
+
+The end of the module puts torch's engines behind minillm.train's `Strategy` seam, for
+`torchrun --nproc_per_node=N -m minillm train --strategy {ddp,zero1,zero2,fsdp}`: `make_strategy`
+joins the process group and returns TorchDDP, TorchZero1 (DDP + ShardedOptimizer) or TorchFSDP
+(FSDP2's fully_shard per block, as ZeRO-3 or ZeRO-2), each with its own checkpoint format.
 """
 
 from __future__ import annotations
@@ -996,7 +1001,11 @@ def make_strategy(name: str, device: str = "auto") -> _Strategy:
         raise T.TrainError(f"strategy must be {' or '.join(map(repr, T.STRATEGIES))}, got {name!r}")
     if name == "single":
         return T.SingleDevice()
-    if torchrun_env() is None:
+    try:
+        found = torchrun_env()
+    except DistributedError as e:
+        raise T.TrainError(str(e)) from None
+    if found is None:
         raise T.TrainError(f"strategy={name} runs one process per device, started by torchrun: "
                            f"`torchrun --nproc_per_node=N -m minillm train --strategy {name} ...` (N GPUs, or N CPU "
                            "processes); for one process without torchrun use strategy=single")

@@ -1197,7 +1197,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     On the CPU a resumed run's metrics equal an uninterrupted run's exactly: the weights, the
     optimizer state, the data sampler's position and every RNG are in each checkpoint, and the
     learning rate is a function of the step. `loss_fn` and `strategy` are the seams that later
-    chapters use (a masked loss, DDP/FSDP).
+    chapters use (a masked loss, DDP/FSDP). Without a `strategy`, cfg.strategy picks one: "single",
+    or one of torch's engines under torchrun (minillm.distributed.make_strategy), where every rank
+    calls train() alike, each on its own data, and rank 0 alone logs and writes.
     """
     from minillm import data
 
