@@ -225,7 +225,7 @@ def test_recommendations():
 
     p = plan("llama-7b", "8xH100", seq_len=4096, batch_size=2)  # activations outgrow FSDP alone
     assert (p.recommendation.strategy, p.recommendation.checkpointing) == ("zero2", True)
-    assert p.recommendation.command.endswith("--set strategy=fsdp --set activation_checkpointing=true")
+    assert p.recommendation.command.endswith("--set strategy=zero2 --set activation_checkpointing=true")
 
     for model, gpus in (("70B", "8xH100"), ("llama-7b", "1xH100")):
         p = plan(model, gpus, seq_len=4096)

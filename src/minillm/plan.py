@@ -53,8 +53,9 @@ What the figures assume, so that a reader can check them:
   32 x 1024 tokens and llama-350m at 8 x 2048, and 8-23% above it with activation checkpointing.
 * A bare parameter count ("3B") is turned into a model: the preset within 10% of it if there is
   one, else a Llama-style shape (`shape_for`), and every figure is for that model.
-* `minillm train` has no ZeRO-2 mode: a plan that recommends ZeRO-2 prints strategy=fsdp, which
-  shards the weights too (and so fits wherever ZeRO-2 does) for half again the communication.
+* `minillm train --strategy zero2` is FSDP2 with reshard_after_forward=False: the weights are
+  gathered once in forward and kept through backward (the memory of ZeRO-2 at its peak), the
+  gradients and the optimizer state stay sharded.
 
 Compute: a compute-optimal run trains on about 20 tokens per parameter (Hoffmann et al., 2022),
 and takes tokens * flops_per_token / (N * peak FLOP/s * MFU) seconds, with `LLM.flops_per_token`.
@@ -283,8 +284,9 @@ STRATEGY_NAMES = {"single": "single GPU", "ddp": "DDP", "zero1": "ZeRO-1", "zero
 # What each strategy shards over the GPUs (everything else is replicated on every GPU).
 _SHARDED = {"single": (), "ddp": (), "zero1": ("optimizer",), "zero2": ("optimizer", "grads"),
             "zero3": ("optimizer", "grads", "weights")}
-# The strategy= value of `minillm train` that runs each (it has no ZeRO-2 mode: fsdp shards the weights too).
-TRAIN_STRATEGY = {"single": None, "ddp": "ddp", "zero1": "zero1", "zero2": "fsdp", "zero3": "fsdp"}
+# The strategy= value of `minillm train` that runs each (zero2 and fsdp are FSDP2 without and with
+# resharding the weights after forward).
+TRAIN_STRATEGY = {"single": None, "ddp": "ddp", "zero1": "zero1", "zero2": "zero2", "zero3": "fsdp"}
 CHECKPOINTING_OVERRIDE = "activation_checkpointing=true"
 
 
@@ -656,8 +658,7 @@ def _recommend(rows: list[StrategyPlan], num_gpus: int, num_params: int, train_a
                 what = {"single": "the whole model and its optimizer on one GPU",
                         "ddp": f"a full replica on each of the {num_gpus} GPUs",
                         "zero1": f"the optimizer state sharded over {num_gpus} GPUs",
-                        "zero2": f"gradients and optimizer state sharded over {num_gpus} GPUs; minillm train runs it as "
-                                 "strategy=fsdp, which shards the weights too (1.5x the communication)",
+                        "zero2": f"gradients and optimizer state sharded over {num_gpus} GPUs",
                         "zero3": f"weights, gradients and optimizer state sharded over {num_gpus} GPUs"}[row.strategy]
                 if ckpt:
                     what += ", activations recomputed in backward (about a third more compute)"
