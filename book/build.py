@@ -136,9 +136,10 @@ class Bibliography:
 
 # Author-year citations as the prose writes them: "Vaswani et al. (2017)", "Zhang and Sennrich
 # (2019)", "Sennrich, Haddow and Birch (2016)", and "(Shazeer, 2019)" or "(Ba et al., 2016)".
-_NAMES = r"(?P<first>[A-Z][\w'\u00c0-\u017f-]+)(?: et al\.|(?:, [A-Z][\w'-]+)*,? and [A-Z][\w'-]+)?"
-_PROSE_CITE = re.compile(_NAMES + r" \((?P<year>\d{4})\)")
-_PAREN_CITE = re.compile(r"\((?P<prefix>[^()]*?[,;] )??" + _NAMES + r", (?P<year>\d{4})\)")
+# Any run of white space may separate the words: a citation can break across lines of the source.
+_NAMES = r"(?P<first>[A-Z][\w'\u00c0-\u017f-]+)(?:\s+et\s+al\.|(?:,\s+[A-Z][\w'-]+)*,?\s+and\s+[A-Z][\w'-]+)?"
+_PROSE_CITE = re.compile(_NAMES + r"\s+\((?P<year>\d{4})\)")
+_PAREN_CITE = re.compile(r"\((?P<prefix>[^()]*?[,;]\s)??" + _NAMES + r",\s+(?P<year>\d{4})\)")
 
 
 def _cite(text: str, bib: Bibliography, where: str) -> str:
@@ -146,7 +147,7 @@ def _cite(text: str, bib: Bibliography, where: str) -> str:
 
     def known(m: re.Match) -> bool:
         # "Python 3.11 (2022)" is not a citation; "Someone et al. (2022)" always is.
-        return (m.group("first"), m.group("year")) in bib.keys or " et al." in m.group(0)
+        return (m.group("first"), m.group("year")) in bib.keys or re.search(r"\set\s+al\.", m.group(0)) is not None
 
     def paren(m: re.Match) -> str:
         if not known(m):

@@ -191,6 +191,11 @@ def test_citations_link_to_the_bibliography_and_unknown_ones_fail():
     assert "Python 3.11 (2022)" in out
     with pytest.raises(SystemExit, match=r"Nobody \(2031\) has no entry"):
         build._cite("as Nobody et al. (2031) claim", bib, "test")
+    # A citation that the source wraps across lines is still one citation (it once printed as text).
+    wrapped = build._cite("as Vaswani et\nal. (2017) and (Ba et al.,\n2016) showed", bib, "test")
+    assert '#cite(<vaswani2017>, form: "prose")' in wrapped and "#cite(<ba2016>" in wrapped
+    with pytest.raises(SystemExit, match=r"Nobody \(2031\) has no entry"):
+        build._cite("as Nobody et\nal. (2031) claim", bib, "test")
 
 
 def _tiny_notebook(tmp_path: Path, cells: list[dict], name: str = "07_tiny.ipynb") -> Path:
