@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -42,25 +41,16 @@ from minillm.train import (
     load_config,
     load_for_inference,
 )
+from test_train import TINY as SINGLE_TINY
+from test_train import docs, rows  # noqa: F401 (docs is a fixture)
 
-WORDS = ("def return import class self None True False for in if else while try except with as lambda yield "
-         "the a of to is and value list dict print len range").split()
-# Tiny, and 2 blocks (FSDP2 shards each block, then the root). decay_end fixes the schedule, so a run
-# stopped at max_steps=4 and resumed to 8 has the learning rates of a run of 8; evaluations at 3 and
-# 6 (not at 4, where the stopped run's final evaluation takes the place of the periodic one).
-TINY = ["model.vocab_size=300", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=2",
-        "model.max_seq_len=32", "seq_len=32", "batch_size=4", "tokens_per_step=256", "warmup_steps=3", "log_every=1",
-        "eval_every=3", "eval_batches=2", "final_eval_batches=4", "sample_every=6", "sample_tokens=6",
-        "checkpoint_every=4", "keep_checkpoints=2", "val_fraction=0.3", "peak_flops=1e12", "lr=3e-3", "decay_end=8",
-        "device=cpu"]
+# Tiny, and 2 blocks (FSDP2 shards each block, then the root): test_train's settings with four of them
+# changed (a later --set wins). decay_end fixes the schedule, so a run stopped at max_steps=4 and
+# resumed to 8 has the learning rates of a run of 8; evaluations at 3 and 6 (not at 4, where the
+# stopped run's final evaluation takes the place of the periodic one).
+TINY = [*SINGLE_TINY, "model.n_layers=2", "eval_every=3", "decay_end=8", "device=cpu"]
 STEPS = 8
-TIMING = ("tokens_per_s", "mfu")  # the only logged numbers that may differ between two identical runs
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")
-
-
-def rows(run: Path, name: str = "metrics.jsonl") -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-            for line in (run / name).read_text().splitlines()]
 
 
 def free_port() -> int:
@@ -89,15 +79,6 @@ def torchrun(nproc: int, args: list[str], timeout: float = 120.0, expect: int = 
     assert result.returncode == expect, (f"exit status {result.returncode}, expected {expect}:\n"
                                          f"--- stdout ---\n{out[-2000:]}\n--- stderr ---\n{err[-6000:]}")
     return result
-
-
-@pytest.fixture(scope="module")
-def docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("docs")
-    rng = random.Random(0)
-    for i in range(30):
-        (folder / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(300)) + "\n")
-    return folder
 
 
 class Runs:
