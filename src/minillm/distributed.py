@@ -14,7 +14,8 @@ alike). They are small on purpose: torch's own engines (`DistributedDataParallel
 `fully_shard`) add the overlap, fusion and corner cases that production needs.
 
 Every engine works on the default process group and on any `nn.Module`, not only `minillm.LLM`.
-A worker process should end with `exit_worker()` (see there: gloo can abort at exit otherwise).
+A worker process should end with `exit_worker()` (see there: gloo can abort at exit otherwise);
+`run_torchrun` launches N of them from a notebook or a test and waits.
 
 The end of the module puts torch's engines behind minillm.train's `Strategy` seam, for
 `torchrun --nproc_per_node=N -m minillm train --strategy {ddp,zero1,zero2,fsdp}`: `make_strategy`
@@ -27,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import signal
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -46,7 +49,7 @@ from minillm.train import Strategy as _Strategy
 
 __all__ = [
     "DistributedError", "DistributedEnv", "torchrun_env", "init_distributed", "cleanup_distributed", "exit_worker",
-    "DataParallel", "ShardedOptimizer", "FullyShardedDataParallel", "ShardedLinear", "ShardedEmbedding",
+    "run_torchrun", "DataParallel", "ShardedOptimizer", "FullyShardedDataParallel", "ShardedLinear", "ShardedEmbedding",
     "make_strategy", "TorchDDP", "TorchZero1", "TorchFSDP",
 ]
 
@@ -182,6 +185,44 @@ def exit_worker(status: int = 0) -> NoReturn:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(status)
+
+
+def run_torchrun(
+    args: Iterable[str],
+    nproc: int = 2,
+    timeout: float = 600.0,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run `torchrun --standalone --nproc_per_node=NPROC ARGS` on this machine and wait for it.
+
+    For notebooks and tests: `args` is what follows torchrun on a command line (a script and its
+    arguments, or `-m minillm train ...`). Every rank gets one CPU thread, so that N ranks share the
+    cores instead of fighting over them. --standalone picks a free port for the rendezvous, so runs
+    never collide. Past `timeout` seconds the whole process group is killed (a rank that hangs in a
+    collective must not outlive its launcher) and DistributedError says so; with `check`, a non-zero
+    exit status raises DistributedError with the end of both output streams.
+    """
+    if nproc < 1:
+        raise DistributedError(f"nproc={nproc}: a run needs at least one process")
+    args = [str(a) for a in args]
+    base = {k: v for k, v in os.environ.items() if k not in (*_TORCHRUN_VARS, "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+    run_env = {**base, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    proc = subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise DistributedError(f"torchrun {' '.join(args[:3])} ... ran past {timeout:.0f} s and was killed; "
+                               f"the end of its error output:\n{err[-4000:]}") from None
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if check and done.returncode != 0:
+        raise DistributedError(f"torchrun {' '.join(args[:3])} ... failed with exit status {done.returncode}:\n"
+                               f"--- stdout ---\n{out[-2000:]}\n--- stderr ---\n{err[-6000:]}")
+    return done
 
 
 def _world() -> tuple[int, int]:
