@@ -39,6 +39,7 @@ from minillm.distributed import (
     ShardedLinear,
     ShardedOptimizer,
     init_distributed,
+    run_torchrun,
     torchrun_env,
 )
 from minillm.model import LLM, ModelConfig
@@ -317,6 +318,61 @@ def launch(script: Path, out: Path, world_size: int = 2, timeout: float = 120.0)
         text = "\n".join(f"--- rank {r} (exit status {c}) ---\n"
                          f"{(out / f'rank{r}.log').read_text(errors='replace')[-4000:]}" for r, c in enumerate(codes))
         raise AssertionError(f"the {world_size}-rank run failed or timed out after {timeout:.0f} s:\n{text}")
+
+
+# run_torchrun, with workers that do not import torch (torchrun itself takes about 1.5 s to start them).
+
+
+def test_run_torchrun_refuses_no_processes() -> None:
+    for nproc in (0, -1):
+        with pytest.raises(DistributedError, match=rf"nproc={nproc}: a run needs at least one process"):
+            run_torchrun(["never_run.py"], nproc=nproc)
+
+
+@pytest.mark.slow
+def test_run_torchrun_raises_with_the_workers_error_output(tmp_path: Path) -> None:
+    script = tmp_path / "fail.py"
+    script.write_text("import os, sys\n"
+                      "print(f'rank {os.environ[\"RANK\"]} of {os.environ[\"WORLD_SIZE\"]} gives up: '\n"
+                      "      f'{os.environ[\"MINILLM_WORD\"]}, {os.environ[\"OMP_NUM_THREADS\"]} thread', file=sys.stderr)\n"
+                      "sys.exit(3)\n")
+    with pytest.raises(DistributedError) as e:
+        run_torchrun([script], nproc=2, timeout=120, env={"MINILLM_WORD": "xyzzy"})
+    message = str(e.value)
+    assert "failed with exit status 1" in message  # torchrun's status when a worker fails
+    assert "rank 0 of 2 gives up: xyzzy, 1 thread" in message or "rank 1 of 2 gives up: xyzzy, 1 thread" in message
+
+
+def _running(pid: int, script: Path) -> bool:
+    """Is `pid` a live (not zombie) process running `script`? (A reused pid runs something else.)"""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z" and str(script).encode() in cmdline
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to find the workers")
+def test_run_torchrun_kills_every_worker_past_the_timeout(tmp_path: Path) -> None:
+    # torchrun starts each worker in a session of its own: killing torchrun's process group alone would
+    # leave them running, and holding torchrun's output pipes, on which the launcher would wait for them.
+    # (They sleep 120 s, not forever, so that such a launcher fails this test instead of hanging it.)
+    script = tmp_path / "sleep.py"
+    script.write_text("import os, sys, time\n"
+                      "path = os.path.join(sys.argv[1], 'pid.' + os.environ['RANK'])\n"
+                      "with open(path + '.tmp', 'w') as f:\n"
+                      "    f.write(str(os.getpid()))\n"
+                      "os.replace(path + '.tmp', path)\n"
+                      "time.sleep(120)\n")
+    start = time.monotonic()
+    with pytest.raises(DistributedError, match=r"ran past 6 s and was killed"):
+        run_torchrun([script, tmp_path], nproc=2, timeout=6)
+    assert time.monotonic() - start < 40, "run_torchrun waited for the workers instead of killing them"
+    pids = {f.name: int(f.read_text()) for f in tmp_path.glob("pid.?")}
+    assert sorted(pids) == ["pid.0", "pid.1"], "the workers had not started in 6 s"
+    assert not [pid for pid in pids.values() if _running(pid, script)], "workers left running"
 
 
 @pytest.fixture(scope="module")

@@ -199,9 +199,10 @@ def run_torchrun(
     For notebooks and tests: `args` is what follows torchrun on a command line (a script and its
     arguments, or `-m minillm train ...`). Every rank gets one CPU thread, so that N ranks share the
     cores instead of fighting over them. --standalone picks a free port for the rendezvous, so runs
-    never collide. Past `timeout` seconds the whole process group is killed (a rank that hangs in a
-    collective must not outlive its launcher) and DistributedError says so; with `check`, a non-zero
-    exit status raises DistributedError with the end of both output streams.
+    never collide. Past `timeout` seconds torchrun and its workers are killed, each worker with its
+    process group (a rank that hangs in a collective must not outlive its launcher), and
+    DistributedError says so; with `check`, a non-zero exit status raises DistributedError with the
+    end of both output streams.
     """
     if nproc < 1:
         raise DistributedError(f"nproc={nproc}: a run needs at least one process")
@@ -214,8 +215,12 @@ def run_torchrun(
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        _kill_torchrun(proc.pid)
+        try:  # the pipes close once every process that held them is dead
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a grandchild that left its worker's process group still holds them
+            proc.wait()
+            out, err = "", "(none: a process outside the killed process groups still holds torchrun's output)"
         raise DistributedError(f"torchrun {' '.join(args[:3])} ... ran past {timeout:.0f} s and was killed; "
                                f"the end of its error output:\n{err[-4000:]}") from None
     done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
@@ -223,6 +228,43 @@ def run_torchrun(
         raise DistributedError(f"torchrun {' '.join(args[:3])} ... failed with exit status {done.returncode}:\n"
                                f"--- stdout ---\n{out[-2000:]}\n--- stderr ---\n{err[-6000:]}")
     return done
+
+
+def _child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, from /proc (Linux), else from ps."""
+    if os.path.isdir("/proc"):
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
+                        stat = f.read()
+                except OSError:  # ended meanwhile
+                    continue
+                # "pid (command) state ppid ...": the command may hold spaces and ")", so split after the last one.
+                if int(stat[stat.rfind(")") + 2:].split()[1]) == pid:
+                    found.append(int(entry))
+        return found
+    listing = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True, text=True, check=False).stdout
+    return [int(a) for a, b in (line.split() for line in listing.splitlines() if line.strip()) if int(b) == pid]
+
+
+def _kill_torchrun(pid: int) -> None:
+    """SIGKILL a torchrun launcher (the leader of its own process group) and its workers.
+
+    torchrun starts each worker in a session of its own (so that it can signal a worker's whole
+    group), so killing torchrun's group would leave the workers running, holding its output pipes.
+    torchrun is stopped first, so that it neither restarts nor signals a worker meanwhile; then each
+    worker's group is killed, then torchrun's.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGSTOP)
+    for child in _child_pids(pid):
+        for kill in (os.killpg, os.kill):  # the worker leads its group; os.kill in case it does not
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(child, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _world() -> tuple[int, int]:
