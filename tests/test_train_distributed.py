@@ -2,9 +2,10 @@
 DCP checkpoints that reshard, activation checkpointing, and the --strategy option.
 
 The 2-rank tests launch `python -m torch.distributed.run --nproc_per_node=2 -m minillm train ...`
-as a subprocess (a free port per launch, one process group per launch, never retried), as a user
-would. Each launch costs about 4 s, mostly importing torch in every process, so the runs are
-shared: each is launched once per module, when a test first asks for it.
+as a subprocess (minillm.distributed.run_torchrun: a standalone rendezvous on a free port, one
+process group per launch, never retried), as a user would. Each launch costs about 4 s, mostly
+importing torch in every process, so the runs are shared: each is launched once per module, when a
+test first asks for it.
 
 What can be asked to the bit, and why: a resumed run (same world size) repeats the uninterrupted
 run's arithmetic exactly (the weights, the optimizer state and every rank's data stream are in the
@@ -17,12 +18,9 @@ so they are compared to a stated tolerance.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +28,14 @@ import pytest
 import torch
 
 from minillm.cli import main as cli_main
+from minillm.distributed import run_torchrun
 from minillm.model import LLM, ModelConfig
 from minillm.train import (
     SingleDevice,
     TrainConfig,
     TrainError,
     _check_resume_layout,
+    _read_state,
     checkpoint_blocks,
     latest_checkpoint,
     load_config,
@@ -53,31 +53,13 @@ STEPS = 8
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(nproc: int, args: list[str], timeout: float = 120.0, expect: int = 0) -> subprocess.CompletedProcess:
-    """Run `python -m torch.distributed.run --nproc_per_node=NPROC ARGS` on a fresh port; fail with its
-    output if the exit status is not `expect` or it runs past `timeout` (the whole process group is
-    killed then: a hung rank must not outlive the test)."""
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{' '.join(args[:4])}... ran past {timeout:.0f} s:\n{err[-4000:]}") from None
-    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    """run_torchrun, failing with the end of its output if the exit status is not `expect`. Past
+    `timeout` it raises DistributedError, torchrun and every rank killed (a hung rank must not outlive
+    the test)."""
+    result = run_torchrun(args, nproc=nproc, timeout=timeout, check=False)
     assert result.returncode == expect, (f"exit status {result.returncode}, expected {expect}:\n"
-                                         f"--- stdout ---\n{out[-2000:]}\n--- stderr ---\n{err[-6000:]}")
+                                         f"--- stdout ---\n{result.stdout[-2000:]}\n--- stderr ---\n{result.stderr[-6000:]}")
     return result
 
 
@@ -87,9 +69,10 @@ class Runs:
     def __init__(self, root: Path, docs: Path) -> None:
         self.root, self.docs, self.done = root, docs, {}
 
-    def train(self, nproc: int, out: Path, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
-        args = ["-m", "minillm", "train", *(f"--set={s}" for s in TINY), f"--set=data={self.docs}", f"--set=out={out}",
-                *extra]
+    def train(self, nproc: int, out: Path, *extra: str, expect: int = 0,
+              entry: tuple[str, ...] = ("-m", "minillm")) -> subprocess.CompletedProcess:
+        """`minillm train` (or `entry`: a script that takes the same arguments) with TINY and `extra`."""
+        args = [*entry, "train", *(f"--set={s}" for s in TINY), f"--set=data={self.docs}", f"--set=out={out}", *extra]
         return torchrun(nproc, args, expect=expect)
 
     def whole(self, strategy: str, *extra: str) -> Path:
@@ -131,13 +114,90 @@ def runs(tmp_path_factory: pytest.TempPathFactory, docs: Path) -> Runs:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "fsdp"])
 def test_resume_on_the_same_world_size_is_bit_exact(runs: Runs, strategy: str) -> None:
     whole, resumed = runs.whole(strategy), runs.resumed(strategy)
     assert [r["step"] for r in rows(whole) if "loss" in r] == list(range(1, STEPS + 1))
     assert rows(resumed) == rows(whole)
     assert rows(resumed, "samples.jsonl") == rows(whole, "samples.jsonl")
     a, b = (latest_checkpoint(r) / "model.safetensors" for r in (whole, resumed))
+    assert a.read_bytes() == b.read_bytes()
+
+
+# Runs the command line (after K, the step whose checkpoint is cut short) with every strategy's
+# save_optimizer wrapped: while checkpoint K is being written, once every rank has written its
+# optimizer state into the temporary folder (after the weights, before the hashes, state.json and
+# the rename into place), the ranks meet, and rank 0 SIGKILLs torchrun, the other ranks and itself,
+# each with its process group: all at one point of the write, decided by the program, not by a clock.
+KILL_IN_CHECKPOINT = r'''
+import os, signal, sys, time
+import torch.distributed as dist
+from minillm import distributed as D
+from minillm.cli import main
+
+step = int(sys.argv[1])
+launcher = os.getppid()
+with open(f"/proc/{launcher}/cmdline", "rb") as f:  # what rank 0 kills must be torchrun
+    assert b"torch.distributed.run" in f.read(), "start this script with torchrun"
+
+
+def kill(pid):  # the process and, if it leads one (torchrun and its workers do), its process group
+    if os.getpgid(pid) == pid:
+        os.killpg(pid, signal.SIGKILL)
+    else:
+        os.kill(pid, signal.SIGKILL)
+
+
+def wrap(cls):
+    real = cls.save_optimizer
+
+    def save_optimizer(self, folder, model, optimizer):
+        real(self, folder, model, optimizer)
+        if f"step_{step:07d}" in folder.name:  # the temporary folder (or, written in place, the final one)
+            pids = [None] * self.world_size
+            dist.all_gather_object(pids, os.getpid())  # every rank has written its share
+            if self.rank == 0:
+                for pid in [launcher, *pids[1:], pids[0]]:  # torchrun first: it must not see a rank end
+                    kill(pid)
+            time.sleep(600)
+
+    cls.save_optimizer = save_optimizer
+
+
+for cls in (D.TorchDDP, D.TorchZero1, D.TorchFSDP):
+    wrap(cls)
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy, optimizer_files", [
+    ("zero1", ["optimizer.rank0.pt", "optimizer.rank1.pt"]),
+    ("fsdp", ["optimizer/.metadata", "optimizer/__0_0.distcp", "optimizer/__1_0.distcp"]),
+])
+def test_sigkill_while_writing_a_checkpoint_then_resume_is_bit_exact(runs: Runs, tmp_path: Path, strategy: str,
+                                                                     optimizer_files: list[str]) -> None:
+    script = tmp_path / "kill_in_checkpoint.py"
+    script.write_text(KILL_IN_CHECKPOINT)
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    # Killed while writing the final checkpoint (STEPS); the one of STEPS / 2 is complete.
+    runs.train(2, run, "--strategy", strategy, f"--set=max_steps={STEPS}", entry=(str(script), str(STEPS)),
+               expect=-signal.SIGKILL)
+    previous = latest_checkpoint(run)
+    assert previous == ckpts / f"step_{STEPS // 2:07d}"
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == [previous.name]
+    assert _read_state(previous)["step"] == STEPS // 2  # every file it lists matches its checksum
+    [half] = ckpts.glob(f".step_{STEPS:07d}.*.tmp")  # the half-written checkpoint, still under its temporary name
+    written = {str(p.relative_to(half)) for p in half.rglob("*") if p.is_file()}
+    assert {"model.safetensors", "tokenizer.bpe", "config.toml", *optimizer_files} <= written
+    assert "state.json" not in written
+
+    runs.train(2, run, "--resume", f"--set=max_steps={STEPS}")
+    whole = runs.whole(strategy)
+    assert rows(run) == rows(whole)
+    assert rows(run, "samples.jsonl") == rows(whole, "samples.jsonl")
+    assert not list(ckpts.glob(".step_*"))  # the half-written folder was removed
+    a, b = (latest_checkpoint(r) / "model.safetensors" for r in (whole, run))
     assert a.read_bytes() == b.read_bytes()
 
 
