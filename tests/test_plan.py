@@ -266,6 +266,17 @@ def test_plan_from_a_training_config():
         plan_from_config("configs/missing.toml")
 
 
+def test_the_report_fits_88_columns_and_its_command_still_pastes():
+    for p in (plan("llama-7b", "8xH100", seq_len=2048), plan("llama-1b", "16xH100", batch_size=4),
+              plan("llama-7b", "8xH100", seq_len=2048, batch_size=16),
+              plan("3B", "1xH100"), plan("125M", "1xH100", batch_size=16), plan("llama-7b", "8xH100", seq_len=262144)):
+        text = format_plan(p)
+        assert max(len(line) for line in text.splitlines()) <= 88, text
+        if p.recommendation.command:  # the printed lines, joined at their backslashes, are the command
+            printed = text[text.index("\n  " + p.recommendation.command.split()[0] + " ") + 3:]
+            assert " ".join(part.strip() for part in printed.split("\\\n")) == p.recommendation.command
+
+
 # -- the command -------------------------------------------------------------------------------------
 
 

@@ -67,6 +67,7 @@ import dataclasses
 import functools
 import math
 import re
+import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -698,41 +699,69 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} seconds"
 
 
+WIDTH = 88  # format_plan's lines fit a terminal of 88 columns and the book's printed page
+
+
+def _wrap(line: str, indent: int = 11) -> list[str]:
+    """One report line, wrapped at WIDTH under its label (the first `indent` columns)."""
+    return textwrap.wrap(line, WIDTH, subsequent_indent=" " * indent, break_on_hyphens=False) or [""]
+
+
+def _wrap_command(command: str, indent: int = 2) -> list[str]:
+    """A shell command, broken between options with a trailing backslash, so that it still pastes."""
+    units: list[str] = []  # an option with its values, or the program and its first arguments
+    for word in command.split(" "):
+        if word.startswith("-") or not units:
+            units.append(word)
+        else:
+            units[-1] += " " + word
+    lines, line = [], " " * indent + units[0]
+    for unit in units[1:]:
+        if len(line) + 1 + len(unit) + 2 > WIDTH:
+            lines.append(line + " \\")
+            line = " " * (indent + 4) + unit
+        else:
+            line += " " + unit
+    return [*lines, line]
+
+
 def format_plan(p: Plan) -> str:
-    """The report `minillm plan` prints: a header, a table of memory per GPU, compute and the recommendation."""
+    """The report `minillm plan` prints: a header, a table of memory per GPU, compute and the recommendation.
+
+    Every line fits in WIDTH columns: long text wraps under its label, the command breaks before an
+    option with a trailing backslash.
+    """
     cfg, lay = p.model, p.layout
     gpus = f"{p.num_gpus} x {p.gpu.name}"
-    lines = [
-        f"model      {p.model_name}: {_human(p.num_params)} parameters ({cfg.n_layers} layers, d_model {cfg.d_model}, "
-        f"{cfg.n_heads} heads / {cfg.n_kv_heads} kv, vocabulary {cfg.vocab_size})",
-    ]
+    lines = _wrap(f"model      {p.model_name}: {_human(p.num_params)} parameters ({cfg.n_layers} layers, "
+                  f"d_model {cfg.d_model}, {cfg.n_heads} heads / {cfg.n_kv_heads} kv, vocabulary {cfg.vocab_size})")
     if p.note:
-        lines.append(f"           {p.note}")
-    lines += [
+        lines += _wrap(f"           {p.note}")
+    for line in (
         f"GPUs       {gpus}: {p.gpu.memory_gb:g} GB each, {p.usable / GB:.1f} GB usable (less {RESERVED_FRACTION:.0%} and "
         f"{RESERVED_GB:g} GB), {p.gpu.peak_flops / 1e12:g} TFLOP/s",
         f"batch      {p.batch_size} x {p.seq_len} tokens per GPU, activations in {p.dtype} (eager; torch.compile needs less)",
         f"layout     {lay.name}, {lay.weight_bytes} + {lay.grad_bytes} + {lay.optimizer_bytes} bytes per parameter: "
         f"{lay.description}",
-        "",
-        f"{'per GPU, GB':<28}{'weights':>8}{'grads':>8}{'optim':>8}{'buffers':>8}{'activ.':>8}{'total':>8}  fits  max batch",
-    ]
+    ):
+        lines += _wrap(line)
+    # 27 + 8 + 7 + 7 + 8 + 7 + 7 + 6 + 11 = 88 columns
+    lines += ["", f"{'per GPU, GB':<27}{'weights':>8}{'grads':>7}{'optim':>7}{'buffers':>8}{'activ.':>7}{'total':>7}"
+                  "  fits  max batch"]
     for r in p.rows:
         s = r.state
-        lines.append(f"{r.name:<28}" + "".join(f"{v / GB:>8.1f}" for v in (s.weights, s.grads, s.optimizer, r.buffers,
-                                                                            r.activations, r.total))
-                     + f"  {'yes' if r.fits else 'no':<4}  {r.max_batch:>9}")
+        values = "".join(f"{v / GB:>{w}.1f}" for v, w in zip((s.weights, s.grads, s.optimizer, r.buffers, r.activations,
+                                                              r.total), (8, 7, 7, 8, 7, 7)))
+        lines.append(f"{r.name:<27}{values}  {'yes' if r.fits else 'no':<4}  {r.max_batch:>9}")
     if p.num_gpus > 1:
-        lines.append(f"communication per GPU and step: {_human(2 * p.num_params)} values (DDP, ZeRO-1, ZeRO-2: 2Ψ), "
-                     f"{_human(3 * p.num_params)} (ZeRO-3: 3Ψ)")
-    lines += [
-        "",
-        f"compute    {_human(p.tokens)} tokens for a compute-optimal run ({p.tokens_per_param:g} per parameter), "
-        f"{p.flops_per_token / 1e9:.3g} GFLOP per token at {p.seq_len}: {p.train_flops:.2e} FLOPs",
-        f"time       {_duration(p.seconds)} on {gpus} at {p.mfu:.0%} MFU",
-        "",
-        f"recommended  {p.recommendation.reason}",
-    ]
+        lines += _wrap(f"traffic    {_human(2 * p.num_params)} values per GPU and step under DDP, ZeRO-1 and ZeRO-2 "
+                       f"(2Ψ), {_human(3 * p.num_params)} under ZeRO-3 (3Ψ)")
+    lines.append("")
+    lines += _wrap(f"compute    {_human(p.tokens)} tokens for a compute-optimal run ({p.tokens_per_param:g} per parameter), "
+                   f"{p.flops_per_token / 1e9:.3g} GFLOP per token at {p.seq_len}: {p.train_flops:.2e} FLOPs")
+    lines += _wrap(f"time       {_duration(p.seconds)} on {gpus} at {p.mfu:.0%} MFU")
+    lines.append("")
+    lines += _wrap(f"recommended  {p.recommendation.reason}", indent=13)
     if p.recommendation.command:
-        lines.append(f"  {p.recommendation.command}")
+        lines += _wrap_command(p.recommendation.command)
     return "\n".join(lines)
