@@ -441,10 +441,12 @@ def build_document(
     *,
     preface: bool = False,
     transform=None,
+    compact_contents: bool = False,
 ) -> Path:
     """Render, convert and compile notebooks into out_dir/stem.pdf; returns the PDF's path.
 
     `transform`, if given, maps each notebook (a dict) before rendering (the student edition).
+    `compact_contents` sets the contents in two columns (a list of every exercise is long).
     """
     if not chapters:
         raise BuildError("no notebooks to build")
@@ -487,6 +489,7 @@ def build_document(
         "title": TITLE, "subtitle": subtitle, "author": AUTHORS, "version": project_version(),
         "license": project_license(), "date": f"{date.day} {date:%B %Y}",
         "figures": "true" if any(ch.figures for ch in rendered) else "",
+        "compact-contents": "true" if compact_contents else "",
     }
     args = [pypandoc.get_pandoc_path(), md_path.name, "--from", "markdown-citations", "--to", "typst",
             "--standalone", "--template", str(BOOK / "template.typ"), "--lua-filter", str(BOOK / "filter.lua"),
@@ -583,8 +586,8 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs = [
         (f"book{suffix}", chapters, SUBTITLE, {"preface": not args.chapter}),
-        (f"solutions{suffix}", solutions, "Solutions to the exercises", {}),
-        (f"exercises{suffix}", solutions, "Exercises", {"transform": exercise_notebook}),
+        (f"solutions{suffix}", solutions, "Solutions to the exercises", {"compact_contents": True}),
+        (f"exercises{suffix}", solutions, "Exercises", {"transform": exercise_notebook, "compact_contents": True}),
     ]
     for stem, nbs, sub, extra in jobs:
         if nbs:
