@@ -137,8 +137,9 @@ from minillm.cli import main
 
 step = int(sys.argv[1])
 launcher = os.getppid()
-with open(f"/proc/{launcher}/cmdline", "rb") as f:  # what rank 0 kills must be torchrun
-    assert b"torch.distributed.run" in f.read(), "start this script with torchrun"
+if os.path.exists(f"/proc/{launcher}/cmdline"):  # what rank 0 kills must be torchrun (checked on Linux)
+    with open(f"/proc/{launcher}/cmdline", "rb") as f:
+        assert b"torch.distributed.run" in f.read(), "start this script with torchrun"
 
 
 def kill(pid):  # the process and, if it leads one (torchrun and its workers do), its process group
