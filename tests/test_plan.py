@@ -16,8 +16,8 @@ import torch
 from minillm import cli
 from minillm.model import LLM, ModelConfig
 from minillm.plan import (
-    GB, LAYOUTS, PlanError, activation_memory, communication, compute_optimal_tokens, format_plan, parse_count,
-    parse_gpus, plan, plan_from_config, resolve_model, shape_for, state_bytes, training_seconds, usable_bytes,
+    GB, LAYOUTS, PlanError, activation_memory, communication, compute_optimal_tokens, engine_state, format_plan,
+    parse_count, parse_gpus, plan, plan_from_config, resolve_model, shape_for, state_bytes, training_seconds, usable_bytes,
 )
 
 SMALL = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)
@@ -52,6 +52,20 @@ def test_per_gpu_formulas(layout, per_gpu):
     s = state_bytes(psi, n, "zero2", layout)
     assert (s.weights, s.grads, s.optimizer) == (lay.weight_bytes * psi, lay.grad_bytes * psi // n, lay.optimizer_bytes * psi // n)
     assert state_bytes(10, 4, "zero3", layout).weights == 3 * lay.weight_bytes  # an uneven shard rounds up, as FSDP pads
+
+
+def test_engine_state_counts_what_minillm_zero2_holds():
+    # FSDP2 with reshard_after_forward=False and a bf16 policy: the fp32 weights stay sharded, and a
+    # bf16 copy of every unit is held from its forward to its backward.
+    psi, n = 1_000_000_000, 8
+    s = engine_state(psi, n, "zero2", "minillm", "bfloat16")
+    assert (s.weights, s.grads, s.optimizer) == (2 * psi + 4 * psi // n, 4 * psi // n, 8 * psi // n)
+    for strategy, layout, dtype in [("zero2", "minillm", "float32"), ("zero2", "mixed", "bfloat16"),
+                                    ("zero1", "minillm", "bfloat16"), ("zero3", "minillm", "bfloat16")]:
+        assert engine_state(psi, n, strategy, layout, dtype) == state_bytes(psi, n, strategy, layout)
+    assert engine_state(psi, 1, "zero2", "minillm") == state_bytes(psi, 1, "zero2", "minillm")  # one GPU shards nothing
+    with pytest.raises(PlanError, match="unknown activation dtype"):
+        engine_state(psi, n, "zero2", dtype="int8")
 
 
 def test_communication_and_compute():
@@ -218,10 +232,15 @@ def test_recommendations():
     assert [r.strategy for r in p.rows] == ["single", "single"]
 
     p = plan("llama-7b", "8xH100", seq_len=4096, batch_size=1)
-    assert not p.row("ddp").fits and not p.row("zero1").fits and not p.row("zero2").fits and p.row("zero3").fits
-    assert p.recommendation.strategy == "zero3"
+    assert not p.row("ddp").fits and not p.row("zero1").fits and p.row("zero2").fits and p.row("zero3").fits
+    assert p.recommendation.strategy == "zero2"  # the least traffic that fits
     assert p.recommendation.command == ("torchrun --standalone --nproc_per_node 8 -m minillm train --set model=llama-7b "
-                                        "--set seq_len=4096 --set batch_size=1 --set strategy=fsdp")
+                                        "--set seq_len=4096 --set batch_size=1 --set strategy=zero2")
+
+    p = plan("13B", "8xH100", seq_len=2048, batch_size=1)  # its bf16 weights, gathered whole, leave too little room
+    assert not p.row("zero2").fits and p.row("zero3").fits
+    assert (p.recommendation.strategy, p.recommendation.checkpointing) == ("zero3", False)
+    assert p.recommendation.command.endswith("--set strategy=fsdp")
 
     p = plan("llama-7b", "8xH100", seq_len=4096, batch_size=2)  # activations outgrow FSDP alone
     assert (p.recommendation.strategy, p.recommendation.checkpointing) == ("zero2", True)
@@ -293,7 +312,7 @@ def test_cli_prints_the_table_and_the_recommendation(capsys):
     assert code == 0 and out == format_plan(plan("llama-7b", "8xH100", seq_len=4096, batch_size=1)) + "\n"
     for line in ("DDP ", "ZeRO-1 ", "ZeRO-2 ", "FSDP/ZeRO-3 ", "FSDP/ZeRO-3 + checkpointing", "2Ψ", "3Ψ", "days on 8 x H100"):
         assert line in out
-    assert "recommended  FSDP/ZeRO-3" in out and "--nproc_per_node 8" in out and "--set strategy=fsdp" in out
+    assert "recommended  ZeRO-2" in out and "--nproc_per_node 8" in out and "--set strategy=zero2" in out
 
     code, out, _ = run(capsys, "--model", "7B", "--gpus", "8", "--gpu-memory", "141", "--peak-flops", "989e12",
                        "--layout", "mixed", "--mfu", "0.5", "--tokens-per-param", "100")

@@ -37,7 +37,7 @@ What the figures assume, so that a reader can check them:
   activations drain, and the loss's gradients are gone before a checkpointed block is
   recomputed, so the total errs on the safe side.
 * Buffers: with weights wider than the compute dtype, autocast keeps a copy of every matrix in the
-  compute dtype from forward to backward (DDP, ZeRO-1, ZeRO-2). FSDP instead gathers its units in
+  compute dtype from forward to backward (DDP, ZeRO-1). FSDP instead gathers its units in
   the compute dtype: the root (embedding, final norm, output layer), which stays gathered, the
   current block and the next one it prefetches, plus one unit's unsharded gradient before its
   reduce-scatter. The loss adds two fp32 (tokens, vocabulary) gradients at the start of backward.
@@ -53,9 +53,11 @@ What the figures assume, so that a reader can check them:
   32 x 1024 tokens and llama-350m at 8 x 2048, and 8-23% above it with activation checkpointing.
 * A bare parameter count ("3B") is turned into a model: the preset within 10% of it if there is
   one, else a Llama-style shape (`shape_for`), and every figure is for that model.
-* `minillm train --strategy zero2` is FSDP2 with reshard_after_forward=False: the weights are
-  gathered once in forward and kept through backward (the memory of ZeRO-2 at its peak), the
-  gradients and the optimizer state stay sharded.
+* `minillm train --strategy zero2` is FSDP2 with reshard_after_forward=False: the fp32 weights,
+  the gradients and the optimizer state stay sharded, and each unit is gathered once, in the
+  compute dtype, for forward and kept until its backward. Its row (`engine_state`) counts that
+  gathered copy (2Ψ in bf16) and the fp32 shard as its weights, where the paper's ZeRO-2
+  (`state_bytes`) keeps the stored weights replicated: with fp32 weights, 4Ψ and autocast's copies.
 
 Compute: a compute-optimal run trains on about 20 tokens per parameter (Hoffmann et al., 2022),
 and takes tokens * flops_per_token / (N * peak FLOP/s * MFU) seconds, with `LLM.flops_per_token`.
@@ -77,7 +79,7 @@ from minillm.train import GPU_PEAK_FLOPS
 
 __all__ = [
     "PlanError", "GPUSpec", "GPUS", "Layout", "LAYOUTS", "STRATEGIES", "ModelState", "Activations", "StrategyPlan",
-    "Recommendation", "Plan", "parse_gpus", "parse_count", "resolve_model", "shape_for", "state_bytes",
+    "Recommendation", "Plan", "parse_gpus", "parse_count", "resolve_model", "shape_for", "state_bytes", "engine_state",
     "communication", "activation_memory", "usable_bytes", "compute_optimal_tokens", "training_seconds", "plan",
     "plan_from_config", "format_plan",
 ]
@@ -328,6 +330,29 @@ def state_bytes(num_params: int, num_gpus: int, strategy: str, layout: str | Lay
                       count["optimizer"] * lay.optimizer_bytes)
 
 
+def engine_state(num_params: int, num_gpus: int, strategy: str, layout: str | Layout = "minillm",
+                 dtype: str = "bfloat16") -> ModelState:
+    """What minillm's engine for `strategy` holds at the peak of a step, computing in `dtype`.
+
+    The same as `state_bytes` (the ZeRO paper's stages), except ZeRO-2 with weights wider than the
+    compute dtype: `minillm train --strategy zero2` is FSDP2 with reshard_after_forward=False and,
+    on GPUs, a bf16 MixedPrecisionPolicy. It keeps the fp32 weights sharded, gathers each unit in
+    the compute dtype for forward and holds it until that unit's backward; at the end of forward it
+    holds the whole model in bf16 (2 bytes per parameter) besides its fp32 shard, and autocast makes
+    no copies of its own. The paper's ZeRO-2 instead keeps the weights that forward reads
+    replicated at all times.
+    """
+    lay = _layout(layout)
+    state = state_bytes(num_params, num_gpus, strategy, lay)
+    if dtype not in _DTYPE_BYTES:
+        raise PlanError(f"unknown activation dtype {dtype!r}; choose one of {', '.join(_DTYPE_BYTES)}")
+    a = _DTYPE_BYTES[dtype]
+    if strategy == "zero2" and num_gpus > 1 and a < lay.weight_bytes:
+        shard = -(-num_params // num_gpus)
+        state = dataclasses.replace(state, weights=a * num_params + lay.weight_bytes * shard)
+    return state
+
+
 def communication(strategy: str, num_params: int, num_gpus: int) -> int:
     """Values each GPU sends per step: 2Ψ for DDP, ZeRO-1 and ZeRO-2, 3Ψ for ZeRO-3, none on one GPU."""
     _check_strategy(strategy)
@@ -520,10 +545,11 @@ def _buffers(strategy: str, lay: Layout, a: int, matrices: int, block: int, root
     if strategy == "zero3":
         # FSDP gathers in the compute dtype: the root (kept), this block and the next; one unit's full gradient.
         return a * (root + 2 * block) + lay.grad_bytes * max(root, block)
+    unit_grad = lay.grad_bytes * max(root, block)  # ZeRO-2: one unit's gradient before its reduce-scatter
+    if strategy == "zero2" and a < lay.weight_bytes:
+        return unit_grad  # the weights are gathered in the compute dtype (engine_state): nothing to cast
     copies = a * matrices if a != lay.weight_bytes else 0  # autocast's copies of the matrices
-    if strategy == "zero2":
-        copies += lay.grad_bytes * max(root, block)  # one unit's gradient before its reduce-scatter
-    return copies
+    return copies + (unit_grad if strategy == "zero2" else 0)
 
 
 def _check_int(value: object, what: str, example: str) -> int:
@@ -563,7 +589,7 @@ def plan(model: str | int | ModelConfig, gpus: str = "1xH100", *, seq_len: int |
 
     rows = []
     for strategy in ("single",) if num_gpus == 1 else STRATEGIES:
-        state = state_bytes(num_params, num_gpus, strategy, lay)
+        state = engine_state(num_params, num_gpus, strategy, lay, dtype)
         fixed = _buffers(strategy, lay, a, matrices, block, root)
         for ckpt in (False, True):
             act_bytes, act_seq = (act.checkpointed, per_seq.checkpointed) if ckpt else (act.full, per_seq.full)
@@ -659,7 +685,8 @@ def _recommend(rows: list[StrategyPlan], num_gpus: int, num_params: int, train_a
                 what = {"single": "the whole model and its optimizer on one GPU",
                         "ddp": f"a full replica on each of the {num_gpus} GPUs",
                         "zero1": f"the optimizer state sharded over {num_gpus} GPUs",
-                        "zero2": f"gradients and optimizer state sharded over {num_gpus} GPUs",
+                        "zero2": f"gradients and optimizer state sharded over {num_gpus} GPUs, the weights "
+                                 "gathered from forward to backward",
                         "zero3": f"weights, gradients and optimizer state sharded over {num_gpus} GPUs"}[row.strategy]
                 if ckpt:
                     what += ", activations recomputed in backward (about a third more compute)"
