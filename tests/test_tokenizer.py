@@ -159,6 +159,28 @@ def test_special_tokens_are_never_split():
     assert ids[0] == tok.special_tokens["<|user|>"] and ids[-1] == tok.special_tokens["<|endoftext|>"]
 
 
+def test_added_special_tokens_keep_every_old_id(stdlib_tok, tmp_path):
+    corpus, tok = stdlib_tok
+    chat = tok.with_special_tokens(["<|user|>", "<|assistant|>", "<|end|>"])
+    assert chat.vocab_size == tok.vocab_size + 3
+    assert {s: chat.special_tokens[s] for s in tok.special_tokens} == tok.special_tokens
+    assert [chat.special_tokens[s] for s in ("<|user|>", "<|assistant|>", "<|end|>")] == [tok.vocab_size + i for i in range(3)]
+    text = corpus.split("val")[0].text[:20_000]
+    assert chat.encode(text) == tok.encode(text)  # old text, old ids
+    ids = chat.encode("<|user|>def f():<|end|>", allowed_special="all")
+    assert ids[0] == chat.special_tokens["<|user|>"] and ids[-1] == chat.special_tokens["<|end|>"]
+    assert chat.decode(ids) == "<|user|>def f():<|end|>"
+    chat.save(tmp_path / "chat.bpe")
+    again = Tokenizer.load(tmp_path / "chat.bpe")
+    assert again.special_tokens == chat.special_tokens and again.encode(text) == tok.encode(text)
+    assert chat.with_special_tokens(["<|end|>", "<|system|>"]).special_tokens == {**chat.special_tokens,
+                                                                                  "<|system|>": chat.vocab_size}
+    for bad, message in [(["<|a|>", "<|a|>"], "duplicate special token"), ([""], "non-empty"),
+                         ("<|a|>", "must be a list")]:
+        with pytest.raises(TokenizerError, match=message):
+            tok.with_special_tokens(bad)
+
+
 def test_invalid_utf8_decodes_with_replacement_or_raises(stdlib_tok):
     _, tok = stdlib_tok
     ids = tok.encode("é")  # two bytes; keep only the first

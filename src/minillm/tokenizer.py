@@ -545,6 +545,23 @@ class Tokenizer:
                         f"from 0 to {n - 1} without gaps; renumber the tokens"
                     )
 
+    def with_special_tokens(self, names: Sequence[str]) -> Tokenizer:
+        """A copy with `names` added as special tokens after the last id; every existing id is kept.
+
+        Fine-tuning adds tokens (a chat template's role markers) to a tokenizer that a model was
+        trained with: appending them keeps every id the model's embedding rows were trained for, so
+        old text encodes exactly as before, while the model grows rows for the new ids. Names that
+        are already special tokens are kept where they are (so calling it twice is harmless); a name
+        whose text the ordinary vocabulary could also produce is fine, since special tokens are only
+        recognized where `encode`'s `allowed_special` allows them.
+        """
+        _check_special_tokens(names if isinstance(names, str) else list(names))  # a bare string is refused
+        specials = dict(self.special_tokens)
+        for name in names:
+            if name not in specials:
+                specials[name] = self.vocab_size + len(specials) - len(self.special_tokens)
+        return Tokenizer(self.vocab, self.merges, specials, self.pattern)
+
     # -- sizes and lookups --------------------------------------------------------------------
 
     @property
