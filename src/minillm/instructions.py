@@ -41,6 +41,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minillm import data as _data
 from minillm.corpus import Corpus, split_of, stdlib_corpus
 from minillm.files import atomic_write, check_output
 
@@ -63,8 +64,9 @@ __all__ = [
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
-    """Bad instruction data: an invalid conversation or a bad line of a JSONL file.
+class DataError(_data.DataError):
+    """Bad instruction data: an invalid conversation or a bad line of a JSONL file. A kind of
+    `minillm.DataError` (a ValueError), so that one `except` catches bad data of either kind.
 
     The message names the problem (and, for a file, the file and its 1-based line number) and the fix.
     """
