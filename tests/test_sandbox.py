@@ -3,7 +3,9 @@ exhaust or harm the run; scores come from doctest's verdict, made in the parent.
 
 from __future__ import annotations
 
+import difflib
 import doctest
+import inspect
 import os
 import socket
 import time
@@ -366,3 +368,90 @@ def test_score_many_keeps_the_order():
     expected = [(True, 3), (True, 1), (False, 0), (True, 0), (True, 2)] * 2
     assert [(s.parses, s.doctests_passed) for s in scores] == expected
     assert [s.passes for s in scores] == [True, False, False, None, False] * 2
+
+
+# --------------------------------------------------------------------------------------------
+# Module context: the names of the module a function comes from
+
+RATIO_DOC = '''The ratio of matches, with difflib's private helper.
+
+>>> ratio(3, 4)
+1.5
+>>> ratio(0, 0)
+1.0
+>>> __name__, '__file__' in globals() and __file__.endswith('candidate.py')
+('candidate', True)
+'''
+RATIO = "def ratio(matches, length):\n    return _calculate_ratio(matches, length)\n"
+
+
+def test_module_context_gives_the_code_its_modules_private_names():
+    s = score_function(RATIO, RATIO_DOC, name="ratio", module="difflib")
+    assert s == Score(True, True, 3, 3, "ok", "")  # the module's dunders are not the candidate's
+    s = score_function(RATIO, RATIO_DOC, name="ratio")
+    assert (s.compiles, s.doctests_passed) == (True, 1)
+    assert "NameError: name '_calculate_ratio' is not defined" in s.detail
+    # A real stdlib function, scored against its own docstring: it needs SequenceMatcher, _nlargest...
+    code = inspect.getsource(difflib.get_close_matches)
+    doc = difflib.get_close_matches.__doc__
+    s = score_function(code, doc, name="get_close_matches", module="difflib")
+    assert s.passes and s.doctests >= 3, s
+    assert not score_function(code, doc, name="get_close_matches").passes
+
+
+def test_with_module_context_the_code_must_still_define_the_function():
+    doc = difflib.get_close_matches.__doc__
+    for code, why in [
+        ("x = 1\n", "defines no function 'get_close_matches'"),  # the module's own is not in reach
+        ("def close_matches(word, possibilities):\n    return []\n", "defines no function"),
+        ("get_close_matches = IS_CHARACTER_JUNK\n", "is not defined by the code"),  # a module alias
+        ("get_close_matches = get_close_matches\n", "NameError"),
+        ("from difflib import get_close_matches\n", "is not defined by the code"),
+        ("import difflib\nget_close_matches = difflib.get_close_matches\n", "is not defined by the code"),
+        ("import functools\nget_close_matches = functools.lru_cache(ndiff)\n", "is not defined by the code"),
+    ]:
+        s = score_function(code, doc, name="get_close_matches", module="difflib")
+        assert not s.compiles and s.doctests_passed == 0 and why in s.detail, (code, s)
+
+
+def test_a_bad_module_name_is_refused_before_any_child_runs(monkeypatch):
+    def no_child(*args, **kwargs):
+        raise AssertionError("a child was started")
+
+    monkeypatch.setattr(sandbox.subprocess, "Popen", no_child)
+    for bad in ["os; import shutil", "difflib\nimport os", "", ".difflib", "email..utils", "a-b", "class",
+                "__main__", 3]:
+        with pytest.raises(ValueError, match="dotted module name"):
+            score_function(RATIO, RATIO_DOC, name="ratio", module=bad)
+    with pytest.raises(ValueError, match="needs the name"):  # else the module's own function could run
+        score_function(RATIO, RATIO_DOC, module="difflib")
+    with pytest.raises(ValueError, match="dotted module name"):
+        score_many([(RATIO, RATIO_DOC, "ratio", "difflib"), (RATIO, RATIO_DOC, "ratio", "os.")])
+    with pytest.raises(ValueError, match="needs the name"):
+        score_many([(RATIO, RATIO_DOC)], module="difflib")
+    with pytest.raises(ValueError, match="an item is"):
+        score_many([(RATIO,)])
+
+
+def test_a_module_that_cannot_be_imported_gives_an_error_score():
+    s = score_function(RATIO, RATIO_DOC, name="ratio", module="minillm_no_such_module")
+    assert (s.parses, s.compiles, s.doctests, s.doctests_passed, s.status) == (True, False, 3, 0, "error")
+    assert s.detail == (
+        "cannot import the module context minillm_no_such_module: "
+        "ModuleNotFoundError: No module named 'minillm_no_such_module'"
+    )
+    s = score_function(RATIO, RATIO_DOC, name="ratio", module="ctypes")  # refused by the audit hook
+    assert s.status == "error" and s.detail.startswith("cannot import the module context ctypes: ")
+    assert "not allowed" in s.detail
+    s = score_function(RATIO, RATIO_DOC, name="ratio", module="minillm")  # no site-packages in the child
+    assert s.status == "error" and "No module named 'minillm'" in s.detail
+
+
+def test_score_many_takes_a_module_for_all_or_per_item():
+    items = [
+        (RATIO, RATIO_DOC, "ratio"),
+        (RATIO, RATIO_DOC, "ratio", None),  # an item's own None wins over the keyword
+        (RATIO, RATIO_DOC, "ratio", "difflib"),
+    ]
+    assert [s.passes for s in score_many(items)] == [False, False, True]
+    assert [s.passes for s in score_many(items, module="difflib")] == [True, False, True]

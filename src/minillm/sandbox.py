@@ -2,6 +2,7 @@
 
     result = run_python("print(sum(range(10)))")         RunResult(status="ok", stdout="45\\n", ...)
     score = score_function(code, docstring, name="f")     parses? compiles? how many doctests pass?
+    score = score_function(code, docstring, name="mean", module="statistics")   in its module's names
     scores = score_many([(code, docstring), ...])         the same for many, a few at a time
 
 Generated code is untrusted: it may loop forever, fork until the machine stops, allocate 10 GB, flood
@@ -40,6 +41,7 @@ import doctest
 import functools
 import inspect
 import json
+import keyword
 import os
 import secrets
 import selectors
@@ -66,6 +68,13 @@ MAX_CREATED = 64
 OPEN_FILES = 128
 # What one doctest example may print before the child cuts it (a longer `want` is not realistic).
 EXAMPLE_CHARS = 16_000
+
+# The names of a module context that are not copied into the candidate's namespace: the import
+# machinery's, which describe the module itself (the candidate keeps its own).
+_MACHINERY = frozenset({
+    "__name__", "__qualname__", "__file__", "__cached__", "__loader__", "__spec__", "__package__",
+    "__path__", "__builtins__", "__doc__", "__annotations__", "__annotate__", "__dict__",
+})
 
 _SCRIPT = "main.py"
 _CANDIDATE = "candidate.py"
@@ -343,6 +352,7 @@ def _child_main() -> None:  # pragma: no cover - runs only in the child
     sys.path[:] = [p for p in sys.path if p not in ("", ".")]
     import __future__
 
+    import importlib
     import io
     import json
     import os
@@ -594,6 +604,14 @@ def _child_main() -> None:  # pragma: no cover - runs only in the child
 
     protected.extend([hook, resolve, real, refuse, check_write, *stubs])
     sys.addaudithook(hook)
+    # The module context (scoring only), imported under the limits and the hook, and before the
+    # working folder goes on sys.path: only the standard library can answer to its name.
+    context = context_error = None
+    if mode == "score" and config.get("module"):
+        try:
+            context = importlib.import_module(config["module"])
+        except BaseException as error:  # SystemExit and KeyboardInterrupt at import too
+            context_error = error
     sys.path.insert(0, root)  # the code may import the helper files it was given
 
     # Saved before the code runs: it may replace sys.stdout, builtins or module functions.
@@ -606,6 +624,14 @@ def _child_main() -> None:  # pragma: no cover - runs only in the child
     def first_line(error):
         lines = format_only(type(error), error)
         return (lines[-1] if lines else type(error).__name__).strip()[:300]
+
+    def future_flags(ns, _features=features):
+        # What `from __future__ import ...` in a namespace turns on, as doctest reads it from globals.
+        flags = 0
+        for fname, feature in _features:
+            if ns.get(fname) is feature:
+                flags |= feature.compiler_flag
+        return flags
 
     if mode == "run":
         main = types.ModuleType("__main__")
@@ -638,15 +664,27 @@ def _child_main() -> None:  # pragma: no cover - runs only in the child
                 pass
         exit_now(status)  # no atexit handlers of the candidate's: they could print or hang
 
-    protected.extend([first_line, report, finish])
+    protected.extend([first_line, future_flags, report, finish])
 
     name = config.get("name")
     module = types.ModuleType("candidate")
     module.__file__ = code_file
     sys.modules["candidate"] = module
     ns = module.__dict__
+    if context_error is not None:
+        report({"compiled": False, "error": "cannot import the module context "
+                f"{config['module']}: {first_line(context_error)}"})
+        finish(1)
+    if context is not None:
+        # The candidate starts from the names of its module (doctest runs examples in a copy of the
+        # module's globals too), less the import machinery's and the function's own: the module's
+        # real function is never in reach under that name, the code has to define it.
+        machinery = config["machinery"]
+        for key, value in list(vars(context).items()):
+            if key != name and key not in machinery:
+                ns[key] = value
     try:
-        exec_(compile_(code, code_file, "exec", dont_inherit=True), ns)
+        exec_(compile_(code, code_file, "exec", future_flags(ns), True), ns)
     except BaseException as error:
         report({"compiled": False, "error": first_line(error)})
         finish(1)
@@ -671,10 +709,7 @@ def _child_main() -> None:  # pragma: no cover - runs only in the child
     cap = config["example_chars"]
     label = name or "candidate"
     for i, source in config["examples"]:
-        flags = 0
-        for fname, feature in features:
-            if ns.get(fname) is feature:
-                flags |= feature.compiler_flag
+        flags = future_flags(ns)
         out = string_io()
         sys.stdout, sys.displayhook = out, displayhook
         exc = None
@@ -795,8 +830,25 @@ def _records(report: bytes, nonce: str) -> tuple[list[dict], bool]:
     return records, repeated
 
 
+def _check_module(module: object, name: str | None) -> None:
+    """Refuse, before any child runs, a module context that is not a dotted name, or one without `name`."""
+    if module is None:
+        return
+    if (not isinstance(module, str) or module == "__main__"
+            or not all(part.isidentifier() and not keyword.iskeyword(part) for part in module.split("."))):
+        raise ValueError(f"module must be a dotted module name such as 'email.utils', got {module!r}")
+    if name is None:
+        # Without a name, the examples could run the module's own function and pass for the code.
+        raise ValueError(f"module={module!r} needs the name of the function the code must define")
+
+
 def score_function(
-    code: str, docstring: str | None = None, *, name: str | None = None, timeout: float = 5.0
+    code: str,
+    docstring: str | None = None,
+    *,
+    name: str | None = None,
+    timeout: float = 5.0,
+    module: str | None = None,
 ) -> Score:
     """Score generated `code` against the doctest examples of the reference `docstring`.
 
@@ -804,7 +856,22 @@ def score_function(
     which executes the definition, then each example's source in its namespace. The expected outputs
     never leave this process: the child reports what each example printed or raised, and the
     comparison is doctest's, made here. With `name`, the code must define that function itself.
+
+    `module` (a dotted name: "difflib", "email.utils") is the context of a function taken from a
+    module, whose docstring's examples need that module's names, private helpers and constants
+    included. The child imports it (after its limits and hook are in place, from the standard
+    library only: the child has no site-packages; the import counts against `timeout`) and starts
+    the code's namespace from a copy of its globals, as doctest does, less the import machinery's
+    dunders and less `name` itself, which `module` requires: the module's real function is never in
+    reach under its name, and an alias of another of its functions is not a function the code
+    defines. A module that cannot be imported in the sandbox gives an "error" score saying so. The
+    context is the module's globals after its import, as doctest sees them: a name the module
+    deletes at its end (difflib's `del re`) is not there.
+
+    Methods are not scored: their code runs here as a function outside its class, without the name
+    mangling of `self.__x`, the `__class__` cell of `super()`, or the instance their examples need.
     """
+    _check_module(module, name)
     examples, docstring_error = _examples(docstring, name or "candidate")
     n = len(examples)
     try:
@@ -819,7 +886,8 @@ def score_function(
     nonce = secrets.token_hex(16)
     result, report = _run(
         "score", code, timeout=timeout, memory_mb=512, max_output=16_000, nonce=nonce,
-        extra={"name": name, "examples": [(i, ex.source) for i, ex, _ in examples]},
+        extra={"name": name, "module": module, "machinery": sorted(_MACHINERY),
+               "examples": [(i, ex.source) for i, ex, _ in examples]},
         report_cap=(n + 4) * (6 * EXAMPLE_CHARS + 4096),
     )
     records, repeated = _records(report, nonce)
@@ -866,18 +934,30 @@ def _signal_name(number: int) -> str:
 
 
 def score_many(
-    items: Iterable[tuple[str, str | None] | tuple[str, str | None, str | None]],
+    items: Iterable[tuple[str, str | None] | tuple[str, str | None, str | None]
+                    | tuple[str, str | None, str | None, str | None]],
     *,
     workers: int = 2,
     timeout: float = 5.0,
+    module: str | None = None,
 ) -> list[Score]:
-    """score_function over (code, docstring) or (code, docstring, name) items, `workers` children at a
-    time (each item its own process); the scores come back in the order of the items."""
-    jobs = [tuple(item) for item in items]
+    """score_function over (code, docstring), (code, docstring, name) or (code, docstring, name, module)
+    items, `workers` children at a time (each item its own process); the scores come back in the order
+    of the items. `module` is the module context of the items without a fourth element (an item's own,
+    None included, wins). Every item is checked before the first child starts."""
+    jobs = []
+    for item in items:
+        job = tuple(item)
+        if not 2 <= len(job) <= 4:
+            raise ValueError(f"an item is (code, docstring[, name[, module]]), got {len(job)} elements")
+        name = job[2] if len(job) > 2 else None
+        mod = job[3] if len(job) > 3 else module
+        _check_module(mod, name)
+        jobs.append((job[0], job[1], name, mod))
 
     def one(job: tuple) -> Score:
-        code, docstring, *rest = job
-        return score_function(code, docstring, name=rest[0] if rest else None, timeout=timeout)
+        code, docstring, name, mod = job
+        return score_function(code, docstring, name=name, timeout=timeout, module=mod)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(one, jobs))
