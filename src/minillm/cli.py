@@ -278,6 +278,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from minillm.lora import LoRAError
+    from minillm.sft import finetune, load_sft_config
+
+    # The options are --set base=..., data=..., lora_rank=..., applied after --set (they are the more specific).
+    flags = {"base": args.base, "data": args.data, "lora_rank": args.lora_rank}
+    overrides = [*(args.set or ()), *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+    try:
+        cfg = load_sft_config(args.config, overrides)
+        if args.resume:  # the run's own config, with this command's overrides on top
+            if not (Path(cfg.out) / "config.toml").is_file():
+                raise CommandError(f"{cfg.out}: nothing to resume (no config.toml); start the run without --resume, "
+                                   "or give the run's folder with --set out=RUN")
+            cfg = load_sft_config(Path(cfg.out) / "config.toml", overrides)
+        result = finetune(cfg, resume=args.resume, force=args.force)
+    except (*_train_errors(), LoRAError) as e:
+        raise CommandError(_describe(e)) from None
+    minutes, seconds = divmod(round(result.seconds), 60)
+    what = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "every weight"
+    print(f"fine-tuned {result.run}: {result.step} steps ({result.epochs:.2f} epochs) in {minutes}m{seconds:02d}s, "
+          f"{what}: {result.trainable:,} of {result.total:,} parameters trained ({result.tokens_per_s:,.0f} tokens/s)")
+    for split, c in result.fit.items():
+        print(f"{split:<5} {c['kept']:,} examples kept, {c['truncated']:,} with the prompt truncated, "
+              f"{c['dropped_too_long']:,} dropped as too long (too_long={cfg.too_long}), {c['no_target']:,} with no answer")
+    if result.val_loss is not None:
+        print(f"validation  loss {result.val_loss:.4f} nats per answer token (the prompt is masked out)")
+    for request, reply in result.samples:
+        print(f"--- {request.splitlines()[0][:100]}\n{reply}")
+    print(f"run folder  {result.run} (minillm sample --checkpoint {result.run} --prompt ...)")
+    return 0
+
+
 def _is_main_process() -> bool:
     dist = sys.modules.get("torch.distributed")
     return not (dist is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
@@ -387,6 +421,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=("single", "ddp", "zero1", "zero2", "fsdp"),
                    help="same as --set strategy=NAME; all but single run under torchrun --nproc_per_node=N")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("sft", parents=[common], help="fine-tune a pretrained model on instruction data (masked loss, "
+                       "optional LoRA), with checkpoints")
+    p.add_argument("--from", dest="base", metavar="PATH",
+                   help="the run folder (its latest checkpoint) or checkpoint folder of 'minillm train' to start from")
+    p.add_argument("--config", help="a TOML preset, e.g. configs/sft-tiny.toml (default: SFTConfig's defaults)")
+    p.add_argument("--data", help="'stdlib' (the built-in docstring -> function pairs, the default) or a JSONL file")
+    p.add_argument("--lora-rank", type=int, metavar="R", help="train rank-R LoRA adapters instead of every weight")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field (repeat): --set epochs=2 --set too_long=truncate")
+    p.add_argument("--resume", action="store_true", help="continue the run in its out folder from its latest checkpoint")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder")
+    p.set_defaults(func=_cmd_sft)
     p = sub.add_parser("plot", parents=[common], help="draw a run's loss, learning rate, gradient norm and throughput")
     p.add_argument("run", help="a run folder written by 'minillm train'")
     p.add_argument("--out", help="the image to write (default: RUN/curves.png)")

@@ -18,24 +18,68 @@ chat render the same way.
 Packing puts several examples in one row and keeps them apart: each example's positions start at 0
 and a block-diagonal attention mask lets a token see only earlier tokens of its own example, so
 that a packed row computes, example by example, what the examples compute alone (tested).
+
+Fine-tuning runs through chapter 06's loop (`minillm.train`: the step, the schedule, the
+checkpoints and their exact resume), with its own config and batches:
+
+    cfg = load_sft_config("configs/sft-tiny.toml", ["base=runs/tiny", "lora_rank=8"])
+    result = finetune(cfg)                             # minillm sft --from runs/tiny --lora-rank 8
+    model, tok = load_for_inference(result.run)        # a plain LLM: LoRA is merged into the weights
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import copy
+import dataclasses
+import hashlib
+import itertools
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from minillm.instructions import Conversation, Message
+from minillm import lora
+from minillm.files import atomic_write
+from minillm.instructions import Conversation, Message, load_jsonl, split_pairs, stdlib_pairs
 from minillm.model import LLM
 from minillm.tokenizer import Tokenizer, TokenizerError
+from minillm.train import (
+    RunLog,
+    SingleDevice,
+    TrainError,
+    _checkpoints,
+    _open_run,
+    autocast,
+    build_optimizer,
+    check_config,
+    config_to_toml,
+    evaluate,
+    latest_checkpoint,
+    load_checkpoint,
+    load_config,
+    load_for_inference,
+    lr_at,
+    resolve_device,
+    resolve_dtype,
+    save_checkpoint,
+    train_step,
+)
 
 __all__ = [
     "SFTError", "SYSTEM", "USER", "ASSISTANT", "END", "CHAT_TOKENS", "IGNORE", "ChatTemplate", "Example", "Fitted",
-    "fit", "Batch", "pad_batch", "pack", "stack", "sft_loss", "resize_vocab",
+    "fit", "Batch", "pad_batch", "pack", "pack_groups", "packed_row", "stack", "sft_loss", "resize_vocab",
+    "SFTConfig", "load_sft_config", "ExampleBatches", "SFTResult", "finetune", "ADAPTER_FILE",
 ]
 
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -44,8 +88,9 @@ ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 IGNORE = -100  # the targets that F.cross_entropy (and LLM.forward) leave out
 
 
-class SFTError(ValueError):
-    """Fine-tuning data or settings that cannot work; the message says what to change."""
+class SFTError(TrainError):
+    """Fine-tuning data or settings that cannot work; the message says what to change. A kind of
+    `minillm.train.TrainError` (a ValueError): one `except` catches bad settings of either stage."""
 
 
 @dataclass(frozen=True)
@@ -257,36 +302,43 @@ def pack(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> list[Bat
     what it would see if its example were alone. The rest of the row is padding, which no target
     counts and which attends only to itself.
     """
-    rows: list[list[tuple[list[int], list[int]]]] = [[]]
+    return [packed_row(group, seq_len, pad_id) for group in pack_groups(examples, seq_len)]
+
+
+def pack_groups(examples: Sequence[Example], seq_len: int) -> list[list[Example]]:
+    """Which examples `pack` puts in each row. A run keeps the groups and builds each row's (T, T)
+    mask only when its batch is drawn (`packed_row`): the masks of a whole data set would not fit."""
+    groups: list[list[Example]] = [[]]
     used = 0
     for ex in examples:
-        x, y = _inputs_targets(ex)
-        if len(x) > seq_len:
-            raise SFTError(f"{ex.source or 'an example'} has {len(x)} inputs, more than seq_len={seq_len}; fit() them first")
-        if used + len(x) > seq_len:
-            rows.append([])
+        n = len(ex) - 1  # inputs
+        if n > seq_len:
+            raise SFTError(f"{ex.source or 'an example'} has {n} inputs, more than seq_len={seq_len}; fit() them first")
+        if used + n > seq_len:
+            groups.append([])
             used = 0
-        rows[-1].append((x, y))
-        used += len(x)
-    out = []
-    for row in rows:
-        if not row:
-            continue
-        x = torch.full((seq_len,), pad_id, dtype=torch.long)
-        y = torch.full((seq_len,), IGNORE, dtype=torch.long)
-        positions = torch.zeros(seq_len, dtype=torch.long)
-        doc = torch.full((seq_len,), -1, dtype=torch.long)  # -1: padding
-        at = 0
-        for k, (xi, yi) in enumerate(row):
-            n = len(xi)
-            x[at: at + n], y[at: at + n] = torch.tensor(xi), torch.tensor(yi)
-            positions[at: at + n] = torch.arange(n)
-            doc[at: at + n] = k
-            at += n
-        positions[at:] = torch.arange(seq_len - at)  # padding: any valid positions
-        same = (doc[:, None] == doc[None, :]) & (doc[:, None] >= 0)  # (T, T): the same example
-        out.append(Batch(x[None], y[None], positions[None], same[None]))
-    return out
+        groups[-1].append(ex)
+        used += n
+    return [g for g in groups if g]
+
+
+def packed_row(group: Sequence[Example], seq_len: int, pad_id: int = 0) -> Batch:
+    """One packed row of `seq_len` inputs holding `group` (which must fit), as a Batch of one row."""
+    x = torch.full((seq_len,), pad_id, dtype=torch.long)
+    y = torch.full((seq_len,), IGNORE, dtype=torch.long)
+    positions = torch.zeros(seq_len, dtype=torch.long)
+    doc = torch.full((seq_len,), -1, dtype=torch.long)  # -1: padding
+    at = 0
+    for k, ex in enumerate(group):
+        xi, yi = _inputs_targets(ex)
+        n = len(xi)
+        x[at: at + n], y[at: at + n] = torch.tensor(xi), torch.tensor(yi)
+        positions[at: at + n] = torch.arange(n)
+        doc[at: at + n] = k
+        at += n
+    positions[at:] = torch.arange(seq_len - at)  # padding: any valid positions
+    same = (doc[:, None] == doc[None, :]) & (doc[:, None] >= 0)  # (T, T): the same example
+    return Batch(x[None], y[None], positions[None], same[None])
 
 
 def stack(batches: Sequence[Batch]) -> Batch:
@@ -336,3 +388,541 @@ def resize_vocab(model: LLM, vocab_size: int) -> LLM:
         model.lm_head.weight.copy_(new_head)
         model.cfg.vocab_size = vocab_size
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# The config of a fine-tuning run
+
+
+@dataclass
+class SFTConfig:
+    """Everything a fine-tuning run depends on. Saved as the run folder's config.toml.
+
+    The optimizer and schedule fields are TrainConfig's, with the same names and meanings, so that
+    `minillm.train.lr_at` and `build_optimizer` read this config as they read a pretraining one.
+    The defaults suit fine-tuning rather than pretraining: a learning rate ten times lower, no
+    weight decay (it would pull the pretrained weights toward zero, not toward where they started),
+    a short warmup, and a budget in epochs over the examples rather than in steps.
+    """
+
+    # What to start from, and on what.
+    base: str = ""  # a run folder of `minillm train` (its latest checkpoint) or a checkpoint folder
+    data: str = "stdlib"  # 'stdlib' (instructions.stdlib_pairs) or a JSONL file (instructions.load_jsonl)
+    val_fraction: float = 0.05  # held out by instructions.split_pairs: of modules (stdlib) or of lines (JSONL)
+    test_fraction: float = 0.05  # held out for evaluation by execution; never trained or evaluated on here
+    out: str = "runs/sft-tiny"
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    # The examples and the batches.
+    seq_len: int = 0  # 0: the base model's context (it cannot be longer: those positions were never trained)
+    batch_size: int = 8  # rows per step: examples (padding) or packed rows of seq_len (packing)
+    packing: bool = True
+    too_long: str = "drop"  # or "truncate": the prompt loses its oldest tokens; the answer is never cut
+    epochs: int = 1
+    max_steps: int = 0  # 0: epochs * batches per epoch; else this many steps, whatever the epochs
+    # The optimizer and its schedule (as in TrainConfig).
+    optimizer: str = "adamw"  # or "muon" (full fine-tuning only)
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 20
+    decay_end: int = 0  # 0: max_steps
+    schedule: str = "cosine"
+    wsd_decay_fraction: float = 0.2
+    wsd_decay_shape: str = "sqrt"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    muon_lr: float = 0.0
+    # LoRA (minillm.lora): 0 trains every weight.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # 0: lora.py's default, alpha = rank
+    # What to watch, and how often (in steps; 0 turns a periodic action off).
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 0  # 0: the whole validation split
+    sample_every: int = 0  # greedy answers to the first `samples` validation requests
+    samples: int = 3
+    sample_tokens: int = 96
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    logger: str = "none"  # or "tensorboard", "wandb"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> SFTConfig:
+        """Check every field's type, then the values; raises TrainError (or SFTError) naming the field."""
+        check_config(self, positive=("batch_size",),
+                     non_negative=("seq_len", "epochs", "max_steps", "eval_every", "eval_batches", "sample_every", "samples",
+                                   "sample_tokens", "checkpoint_every", "keep_checkpoints", "lora_rank", "lora_alpha"),
+                     choices={"too_long": ("drop", "truncate")})
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise SFTError(msg)
+
+        need(self.data != "", "data is empty; give 'stdlib' (the built-in pairs) or a JSONL file")
+        need(self.seq_len != 1, "seq_len=1 leaves no room for an example; use 0 (the base model's context) or more")
+        need(self.epochs > 0 or self.max_steps > 0, "epochs and max_steps are both 0: set epochs (e.g. 1) or max_steps")
+        for name in ("val_fraction", "test_fraction"):
+            need(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        need(self.val_fraction + self.test_fraction < 1,
+             f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction} leaves nothing to train on; lower them")
+        need(self.lora_alpha == 0 or self.lora_rank > 0,
+             f"lora_alpha={self.lora_alpha:g} needs lora_rank > 0 (alpha scales the LoRA update); set lora_rank, or "
+             "lora_alpha=0 for full fine-tuning")
+        need(not (self.lora_rank and self.optimizer == "muon"),
+             "optimizer='muon' with lora_rank > 0: Muon orthogonalizes whole matrices, which a rank-r adapter is not; "
+             "use optimizer=adamw")
+        return self
+
+    @property
+    def end_of_decay(self) -> int:
+        return self.decay_end or self.max_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SFTConfig:
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise SFTError(f"unknown config field(s) {unknown}; known fields: {', '.join(known)}")
+        return cls(**d)
+
+
+def load_sft_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, str] | Iterable[str] = ()) -> SFTConfig:
+    """The config of a TOML file (or the defaults), with `--set`-style overrides ("lr=1e-4") applied."""
+    return load_config(path, overrides, cls=SFTConfig)
+
+
+# What a resumed run must keep: they decide which examples, batches and parameters the checkpoint's
+# numbers belong to. max_steps, epochs, the schedule and the watching may change (as in train).
+_FIXED_ON_RESUME = ("base", "data", "val_fraction", "test_fraction", "seed", "seq_len", "batch_size", "packing", "too_long",
+                    "optimizer", "lora_rank", "lora_alpha")
+ADAPTER_FILE = "adapter.safetensors"  # in each checkpoint of a LoRA run, beside the merged model.safetensors
+
+
+# --------------------------------------------------------------------------------------------
+# Batches, epoch after epoch
+
+
+class ExampleBatches:
+    """Batches of fitted examples, epoch after epoch: the batch source that `train.train_step` draws from.
+
+    The rows are the examples themselves (padding: each batch is right-padded to its longest) or, with
+    `packing`, rows of `seq_len` inputs packed once (`pack_groups`), from the examples in a seeded
+    shuffled order (so that a row mixes modules); a row's tensors are built when its batch is drawn. Epoch e visits the rows in a permutation drawn from (seed, e) alone, so
+    the state is two numbers, the epoch and the batches already taken in it: a resumed run draws
+    exactly the batches an uninterrupted run would. Without `shuffle`, one pass in order (validation).
+    The last batch of an epoch may be smaller.
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seq_len: int, *, packing: bool, seed: int = 0,
+                 shuffle: bool = True, pad_id: int = 0, device: torch.device | str = "cpu") -> None:
+        if not examples:
+            raise SFTError("there are no examples to batch")
+        self.batch_size, self.packing, self.seed, self.shuffle = batch_size, packing, seed, shuffle
+        self.pad_id, self.device = pad_id, device
+        self.seq_len = seq_len
+        examples = list(examples)
+        if packing:
+            if shuffle:
+                random.Random(f"minillm-sft:{seed}:pack").shuffle(examples)
+            self.rows: list[Example] | list[list[Example]] = pack_groups(examples, seq_len)
+        else:
+            self.rows = examples
+        self.epoch, self.index = 0, 0
+        self.last: Batch | None = None  # the batch next_batch returned last (the loop counts its tokens)
+        self._order: tuple[int, list[int]] | None = None  # (epoch, its permutation), computed once per epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def order(self, epoch: int) -> list[int]:
+        """The rows of `epoch`, in the order they are visited."""
+        if self._order is None or self._order[0] != epoch:
+            order = list(range(len(self.rows)))
+            if self.shuffle:
+                random.Random(f"minillm-sft:{self.seed}:{epoch}").shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def batch(self, rows: Sequence[int]) -> Batch:
+        chosen = [self.rows[i] for i in rows]
+        if self.packing:
+            return stack([packed_row(group, self.seq_len, self.pad_id) for group in chosen]).to(self.device)
+        return pad_batch(chosen, self.pad_id).to(self.device)
+
+    def next_batch(self) -> Batch:
+        if self.index == len(self):
+            self.epoch, self.index = self.epoch + 1, 0
+        start = self.index * self.batch_size
+        self.index += 1
+        self.last = self.batch(self.order(self.epoch)[start: start + self.batch_size])
+        return self.last
+
+    def __iter__(self) -> Iterator[Batch]:
+        """One epoch in the order of epoch 0, without moving the state (for evaluation)."""
+        order = self.order(0)
+        for start in range(0, len(order), self.batch_size):
+            yield self.batch(order[start: start + self.batch_size])
+
+    @property
+    def progress(self) -> float:
+        """Epochs done, as a fraction (1.5: half way through the second)."""
+        return self.epoch + self.index / len(self)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def _examples_digest(examples: Sequence[Example]) -> str:
+    """A SHA-256 of the examples' ids and masks: a resumed run checks that its data did not change."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(np.asarray(ex.ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(ex.mask, dtype=np.bool_).tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA and the chat tokens' rows
+
+
+def _train_new_rows(model: LLM, first_new: int) -> list[nn.Parameter]:
+    """Under LoRA, let the embedding and output rows of the new ids (>= first_new) train; returns the
+    matrices that hold them.
+
+    apply_lora freezes the embedding, but the chat tokens' rows start at the mean of the old rows:
+    frozen, the four would stay identical, and the model could never tell <|user|> from <|end|>, nor
+    give <|end|> a higher logit than the others (greedy decoding would then never stop). The rows are
+    new parameters with nothing pretrained in them, so they train; the old rows get a zero gradient
+    (a hook), and with no weight decay on these matrices (see finetune) AdamW leaves them exactly as
+    they were. The row count is tiny (4 * d_model per matrix) next to the adapters.
+    """
+    mats = list({id(p): p for p in (model.token_embedding.weight, model.lm_head.weight)}.values())  # tied: once
+    if first_new >= model.cfg.vocab_size:
+        return []
+    for p in mats:
+        p.requires_grad_(True)
+        p.register_hook(lambda g: torch.cat([torch.zeros_like(g[:first_new]), g[first_new:]]))
+    return mats
+
+
+def _plain_copy(model: LLM) -> LLM:
+    """The model with its adapters folded into the weights (a copy; the training model keeps its adapters)."""
+    if not lora.lora_layers(model):
+        return model
+    # A deep copy costs one more model in memory for the time of a checkpoint, which is the price of
+    # keeping the training model's adapters and optimizer state untouched.
+    return lora.merge_lora(copy.deepcopy(model))
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class SFTResult:
+    """What a fine-tuning run ends with (also in metrics.jsonl)."""
+
+    run: Path
+    step: int
+    max_steps: int = 0
+    epochs: float = 0.0  # epochs done, as a fraction
+    loss: float | None = None  # the last logged training loss
+    val_loss: float | None = None  # the masked loss over the validation split (None if it is empty)
+    fit: dict[str, dict[str, int]] = field(default_factory=dict)  # per split: kept, truncated, dropped, no_target
+    trainable: int = 0
+    total: int = 0
+    samples: list[tuple[str, str]] = field(default_factory=list)  # (request, greedy answer) at the end
+    tokens_per_s: float = 0.0  # input positions (padding included) per second of training
+    seconds: float = 0.0
+
+
+def _fit_counts(fitted: Fitted) -> dict[str, int]:
+    return {"kept": len(fitted.examples), "truncated": fitted.truncated, "dropped_too_long": fitted.dropped_too_long,
+            "no_target": fitted.no_target}
+
+
+def _base_folder(base: str) -> Path:
+    """The checkpoint folder a base path names (a checkpoint, or a run's latest); errors name the fix."""
+    if not base:
+        raise SFTError("no base model: give the pretrained run or checkpoint to start from, base=runs/tiny "
+                       "(minillm sft --from runs/tiny)")
+    path = Path(base)
+    folder = path if (path / "state.json").exists() else latest_checkpoint(path) if path.is_dir() else None
+    if folder is None:
+        load_for_inference(path)  # raises the CheckpointError that names what is missing and the fix
+        raise SFTError(f"{path}: not a checkpoint or run folder")  # not reached: load_for_inference raised
+    return folder
+
+
+@dataclass
+class _Model:
+    """The model a run trains, and what its checkpoints need to know about it."""
+
+    model: LLM
+    template: ChatTemplate
+    no_decay: list[nn.Parameter]  # under LoRA: the matrices whose new rows train (kept out of weight decay)
+    adapter_base: str  # under LoRA: the fingerprint of the resized base, which the adapter file records
+    trainable: int
+    total: int
+
+
+def _prepare_model(cfg: SFTConfig, base: Path | None, ckpt: Path | None, device: torch.device) -> _Model:
+    """The model to train, with the chat tokens (and LoRA), restored from `ckpt` when resuming.
+
+    A full fine-tuning run resumes from its own checkpoint (the weights, the vocabulary resized, the
+    tokenizer with the chat tokens). A LoRA run always starts from the base: its checkpoints hold the
+    merged weights, from which the frozen base cannot be recovered exactly, so it reloads the base,
+    resizes it as before, and takes the adapter and the chat tokens' rows from the checkpoint.
+    """
+    lora_run = cfg.lora_rank > 0
+    model, tok = load_for_inference(ckpt if ckpt is not None and not lora_run else base, device)
+    base_vocab = model.cfg.vocab_size
+    template = ChatTemplate.for_tokenizer(tok)
+    resize_vocab(model, max(base_vocab, template.tokenizer.vocab_size))
+    model.train()
+    if not lora_run:
+        return _Model(model, template, [], "", *lora.count_parameters(model))
+    adapter_base = lora.fingerprint(model)  # of the resized base: the adapter belongs to it
+    try:
+        if ckpt is not None:  # rank, alpha and targets from the file, whose base fingerprint must match
+            lora.load_adapter(ckpt / ADAPTER_FILE, model, base_fingerprint=adapter_base)
+        else:
+            lora.apply_lora(model, cfg.lora_rank, cfg.lora_alpha or None)
+    except lora.LoRAError as e:
+        raise SFTError(str(e)) from None
+    smallest = min(min(m.in_features, m.out_features) for m in lora.lora_layers(model).values())
+    if cfg.lora_rank > smallest:
+        raise SFTError(f"lora_rank={cfg.lora_rank} is larger than the smallest adapted layer ({smallest} wide): a "
+                       f"rank-{cfg.lora_rank} update is no cheaper than the matrix itself; use lora_rank <= {smallest} "
+                       "(4 to 64 is usual), or lora_rank=0 for full fine-tuning")
+    if ckpt is not None:  # the chat tokens' rows as trained (the old rows in the file are the base's, bit for bit)
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt / "model.safetensors"), framework="pt", device=str(device)) as f, torch.no_grad():
+            for name in {"token_embedding.weight", "lm_head.weight"} & set(f.keys()):
+                model.get_parameter(name).copy_(f.get_tensor(name))
+    # The rows past the base tokenizer's ids train: the chat tokens' (and any unused rows of a padded vocabulary).
+    first_new = min(base_vocab, tok.vocab_size)
+    no_decay = _train_new_rows(model, first_new)
+    trainable, total = lora.count_parameters(model)
+    trainable -= sum(p[:first_new].numel() for p in no_decay)  # of those matrices, only the new rows train
+    return _Model(model, template, no_decay, adapter_base, trainable, total)
+
+
+@dataclass
+class _Data:
+    fitted: dict[str, Fitted]  # "train" and "val"
+    train: ExampleBatches
+    val: ExampleBatches | None  # None: nothing held out fits
+    requests: list[Conversation]  # held-out requests answered at each sampling
+    digest: str  # of the training examples: a resumed run checks that they did not change
+
+
+def _prepare_data(cfg: SFTConfig, template: ChatTemplate, seq_len: int, device: torch.device) -> _Data:
+    """The examples, encoded and fitted into seq_len (counted, never dropped silently), and batched."""
+    pairs = stdlib_pairs() if cfg.data == "stdlib" else load_jsonl(cfg.data)  # a DataError names FILE:LINE
+    splits = split_pairs(pairs, cfg.val_fraction, cfg.test_fraction)
+    fitted = {name: fit((template.encode(c) for c in splits[name]), seq_len, cfg.too_long) for name in ("train", "val")}
+    if not fitted["train"].examples:
+        raise SFTError(f"no training example fits seq_len={seq_len} ({fitted['train'].report()}); raise seq_len, "
+                       "or set too_long=truncate to keep examples whose prompt is too long")
+    train = ExampleBatches(fitted["train"].examples, cfg.batch_size, seq_len, packing=cfg.packing, seed=cfg.seed,
+                           device=device)
+    val = None
+    if fitted["val"].examples:
+        val = ExampleBatches(fitted["val"].examples, cfg.batch_size, seq_len, packing=cfg.packing, shuffle=False,
+                             device=device)
+    else:
+        warnings.warn(f"the validation split of {cfg.data} is empty after fitting ({fitted['val'].report()}), so the run "
+                      "reports no validation loss; give more data or raise val_fraction", stacklevel=3)
+    room = seq_len - cfg.sample_tokens  # a request is answered only if its answer fits the context
+    requests = [c for c in splits["val"] if len(template.prompt(c.prompt)) <= room][: cfg.samples] if val else []
+    return _Data(fitted, train, val, requests, _examples_digest(fitted["train"].examples))
+
+
+def _check_resume(saved: dict[str, Any], cfg: SFTConfig) -> None:
+    if saved.get("kind") != "sft":
+        raise SFTError(f"{cfg.out} holds a checkpoint of another kind of run (not minillm sft); choose another out=")
+    old = SFTConfig.from_dict(saved["config"])
+    changed = [k for k in _FIXED_ON_RESUME if getattr(old, k) != getattr(cfg, k)]
+    if changed:
+        raise SFTError(f"cannot resume with a different {', '.join(changed)} (the checkpoint has "
+                       f"{', '.join(f'{k}={getattr(old, k)!r}' for k in changed)}); keep them, or start a new run")
+
+
+def finetune(cfg: SFTConfig, *, resume: bool = False, force: bool = False, progress: bool | None = None) -> SFTResult:
+    """Fine-tune the base model `cfg.base` on instruction data, as `cfg` says; with `resume`, continue
+    the run in cfg.out from its latest checkpoint.
+
+    The base's weights and tokenizer are loaded, the chat tokens added (ChatTemplate, resize_vocab),
+    LoRA applied if lora_rank > 0, the examples encoded and fitted into seq_len (fit's counts go to
+    metrics.jsonl), batched (ExampleBatches) and trained with `train.train_step` and `sft_loss`. The
+    validation loss is the mean over the answers' tokens. Each checkpoint is a `train.save_checkpoint`
+    folder that `load_for_inference` reads: the full weights (LoRA merged in), the tokenizer with the
+    chat tokens, the optimizer, the batches' position and every RNG, plus the adapter file under LoRA.
+    On the CPU a resumed run equals an uninterrupted one to the bit: the weights, the optimizer state,
+    the batches' position and the RNGs are in each checkpoint, the learning rate is a function of the
+    step, and samples are greedy.
+    """
+    progress = sys.stderr.isatty() if progress is None else progress
+    start_time = time.perf_counter()
+    strategy = SingleDevice()
+
+    # Everything that can be checked is checked before the run folder is touched.
+    saved: dict[str, Any] | None = None
+    ckpt: Path | None = None
+    if resume:
+        run, ckpt = _open_run(cfg, True, False, strategy)
+        saved = load_checkpoint(ckpt, None, restore_rng=False)  # checksums first, then the fixed settings
+        _check_resume(saved, cfg)
+    base = _base_folder(cfg.base) if not resume or cfg.lora_rank else None  # full fine-tuning resumes without it
+    if base is not None and not resume:
+        out = Path(cfg.out).resolve()
+        if out == base.resolve() or out in base.resolve().parents:
+            raise SFTError(f"the base {base} is inside out={cfg.out}, which a new run replaces; choose another out=")
+        if not force and out.exists() and any(out.iterdir()):
+            _open_run(cfg, False, False, strategy)  # raises the error that names --resume and --force, before any work
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    amp = autocast(device, resolve_dtype(cfg.dtype, device))
+
+    m = _prepare_model(cfg, base, ckpt, device)
+    model, template = m.model, m.template
+    seq_len = cfg.seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise SFTError(f"seq_len ({seq_len}) exceeds the base model's context (max_seq_len={model.cfg.max_seq_len}); "
+                       f"lower seq_len to {model.cfg.max_seq_len} or less, or 0 for the context (positions beyond it "
+                       "were never trained)")
+    data = _prepare_data(cfg, template, seq_len, device)
+    steps = cfg.max_steps or cfg.epochs * len(data.train)
+    schedule = dataclasses.replace(cfg, max_steps=steps)  # what lr_at reads: max_steps resolved from the epochs
+    optimizer = build_optimizer(model, cfg, device, no_decay=m.no_decay)
+    step = 0
+    if saved is not None:
+        if saved["data_digest"] != data.digest:
+            raise SFTError(f"the training examples of data={cfg.data} changed since the checkpoint (they hash "
+                           "differently); resume with the same data, or start a new run")
+        load_checkpoint(ckpt, None, optimizer)  # the optimizer state and every RNG
+        data.train.load_state_dict(saved["sampler"])
+        step = saved["step"]
+    else:
+        run, _ = _open_run(cfg, False, force, strategy)
+        atomic_write(run / "config.toml", config_to_toml(cfg))
+
+    log = RunLog(run, cfg, True, step if saved is not None else None)
+    result = SFTResult(run, step, steps, fit={k: _fit_counts(v) for k, v in data.fitted.items()}, trainable=m.trainable,
+                       total=m.total)
+    try:
+        def eval_row(kind: str) -> dict[str, Any] | None:
+            if data.val is None:
+                return None
+            batches = itertools.islice(data.val, cfg.eval_batches or None)
+            loss, n = evaluate(model, batches, loss_fn=sft_loss, amp=amp, count_targets=lambda b: b.targets)
+            row = {"step": step, "kind": kind, "val_loss": loss, "val_targets": n} | ({"final": True} if kind == "final" else {})
+            log.log(row)
+            return row
+
+        def answers(final: bool = False) -> list[tuple[str, str]]:
+            """Greedy answers to the held-out requests (no RNG is drawn: a resumed run writes the same)."""
+            if not data.requests:
+                return []
+            from minillm.generate import generate
+
+            with amp:
+                out = generate(model, [template.prompt(c.prompt) for c in data.requests], max_new_tokens=cfg.sample_tokens,
+                               temperature=0.0, eos_id=template.end_id)
+            pairs = [(c.user, template.reply(ids)) for c, ids in zip(data.requests, out)]
+            for request, reply in pairs:
+                log.sample(step, request, reply, final=final)
+            return pairs
+
+        def checkpoint() -> None:
+            folder = run / "checkpoints" / f"step_{step:07d}"
+            folder.parent.mkdir(exist_ok=True)
+            state = {"step": step, "kind": "sft", "sampler": data.train.state_dict(), "config": cfg.to_dict(),
+                     "base": str(base if base is not None else saved["base"]), "data_digest": data.digest,
+                     "fit": result.fit}
+
+            def adapter(tmp: Path) -> list[str]:
+                lora.save_adapter(tmp / ADAPTER_FILE, model, base_fingerprint=m.adapter_base)
+                return [ADAPTER_FILE]
+
+            save_checkpoint(folder, _plain_copy(model), optimizer, template.tokenizer, cfg, state,
+                            adapter if cfg.lora_rank else None)
+            for old in _checkpoints(run)[:-cfg.keep_checkpoints or None]:
+                shutil.rmtree(old)
+
+        for tmp in (run / "checkpoints").glob(".step_*.tmp"):  # a checkpoint cut short by a crash
+            shutil.rmtree(tmp, ignore_errors=True)
+        if saved is None:
+            log.log({"step": 0, "kind": "data", "seq_len": seq_len, "rows": len(data.train.rows),
+                     "batches_per_epoch": len(data.train), "max_steps": steps, "trainable": m.trainable, "total": m.total,
+                     **{f"{split}_{k}": v for split, counts in result.fit.items() for k, v in counts.items()}})
+            if cfg.eval_every:
+                eval_row("eval")  # the base model's masked loss: where fine-tuning starts from
+            if cfg.sample_every:
+                answers()
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=step, desc="fine-tuning", unit="step", disable=not progress, dynamic_ncols=True)
+        window_start, window_tokens, train_seconds, train_tokens = time.perf_counter(), 0, 0.0, 0
+        try:
+            while step < steps:
+                lr = lr_at(step, schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                last = train_step(model, optimizer, data.train.next_batch, step=step + 1, loss_fn=sft_loss,
+                                  grad_clip=cfg.grad_clip, amp=amp, strategy=strategy)
+                step += 1
+                window_tokens += data.train.last.x.numel()
+                result.loss = last.loss
+                if cfg.log_every and (step % cfg.log_every == 0 or step == steps):
+                    elapsed = time.perf_counter() - window_start
+                    train_seconds, train_tokens = train_seconds + elapsed, train_tokens + window_tokens
+                    log.log({"step": step, "loss": last.loss, "lr": lr, "grad_norm": last.grad_norm,
+                             "epoch": data.train.progress, "tokens_per_s": window_tokens / elapsed})
+                    bar.set_postfix(loss=f"{last.loss:.3f}", refresh=False)
+                bar.update(1)
+                paused = time.perf_counter()  # evaluation, samples and checkpoints do not count as training time
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
+                    eval_row("eval")
+                if cfg.sample_every and step % cfg.sample_every == 0 and step < steps:
+                    answers()
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+                    checkpoint()
+                if cfg.log_every and step % cfg.log_every == 0:
+                    window_start, window_tokens = time.perf_counter(), 0
+                else:
+                    window_start += time.perf_counter() - paused
+        finally:
+            bar.close()
+
+        if not (saved is not None and saved["step"] == step):
+            checkpoint()
+        final = eval_row("final")
+        result.step, result.epochs = step, data.train.progress
+        result.val_loss = final["val_loss"] if final else None
+        result.tokens_per_s = train_tokens / train_seconds if train_seconds else 0.0
+        result.samples = answers(final=True)
+    finally:
+        log.close()
+    result.seconds = time.perf_counter() - start_time
+    return result

@@ -46,7 +46,7 @@ from minillm.model import LLM, ConfigError, ModelConfig
 from minillm.tokenizer import Tokenizer
 
 __all__ = [
-    "TrainError", "CheckpointError", "NonFiniteError", "TrainConfig", "load_config", "apply_overrides",
+    "TrainError", "CheckpointError", "NonFiniteError", "TrainConfig", "check_config", "load_config", "apply_overrides",
     "config_to_toml", "lr_at", "build_optimizer", "MultiOptimizer", "Strategy", "SingleDevice",
     "checkpoint_blocks", "STRATEGIES", "lm_loss",
     "train_step", "evaluate", "peak_flops", "cpu_matmul_peak", "save_checkpoint", "load_checkpoint",
@@ -132,37 +132,19 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check every field's type, then the values; raises TrainError naming the field."""
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _HINTS[f.name]))
+        check_config(self, positive=("batch_size", "seq_len"),
+                     non_negative=("max_steps", "tokens_per_step", "eval_every", "eval_batches", "final_eval_batches",
+                                   "sample_every", "sample_tokens", "checkpoint_every", "keep_checkpoints", "peak_flops"),
+                     choices={"strategy": STRATEGIES})
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise TrainError(msg)
 
-        for name in ("batch_size", "seq_len"):
-            need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "decay_end", "tokens_per_step", "log_every", "eval_every", "eval_batches",
-                     "final_eval_batches", "sample_every", "sample_tokens", "checkpoint_every", "keep_checkpoints"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "muon_lr", "peak_flops"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        need(self.min_lr <= self.lr, f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        need(self.eps > 0, f"eps must be positive, got {self.eps}")
-        need(all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {list(self.betas)}")
-        need(0 < self.wsd_decay_fraction <= 1, f"wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
         need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        for name, choices in (("schedule", ("cosine", "wsd")), ("wsd_decay_shape", ("linear", "sqrt")),
-                              ("optimizer", ("adamw", "muon")), ("dtype", ("auto", "float32", "bfloat16")),
-                              ("logger", ("none", "tensorboard", "wandb")), ("strategy", STRATEGIES)):
-            need(getattr(self, name) in choices, f"{name} must be {' or '.join(map(repr, choices))}, got {getattr(self, name)!r}")
-        need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-             f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         need(not (self.optimizer == "muon" and self.strategy in ("zero1", "zero2", "fsdp")),
              f"optimizer='muon' cannot run with strategy={self.strategy!r}: Muon orthogonalizes whole matrices, and this "
              "strategy shards them (or their optimizer state, by torch's own partition); use strategy=ddp, or optimizer=adamw")
-        need(self.out != "", "out (the run folder) is empty; give a folder, e.g. out=runs/tiny")
-        need(self.decay_end == 0 or self.decay_end > self.warmup_steps,
-             f"decay_end ({self.decay_end}) must come after warmup_steps ({self.warmup_steps}), or be 0 for max_steps")
         micro = self.batch_size * self.seq_len
         need(self.tokens_per_step % micro == 0,
              f"tokens_per_step ({self.tokens_per_step}) must be a multiple of batch_size * seq_len = {micro} "
@@ -212,6 +194,59 @@ class TrainConfig:
 
 _HINTS = typing.get_type_hints(TrainConfig)
 _MODEL_HINTS = typing.get_type_hints(ModelConfig)
+
+
+@functools.cache
+def _hints_of(cls: type) -> dict[str, object]:
+    """The field types of a config dataclass (TrainConfig, or another chapter's, such as sft.SFTConfig)."""
+    return {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+
+
+def check_config(cfg: Any, *, positive: Iterable[str] = (), non_negative: Iterable[str] = (),
+                 choices: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Coerce every field of a config dataclass to its declared type, in place; then check the fields
+    that every training config shares (the optimizer and its schedule, which `lr_at` and
+    `build_optimizer` read; the device, dtype, logger and run folder), then the fields named:
+    `positive` ones at least 1, `non_negative` ones at least 0, `choices` among their values.
+    Raises TrainError naming the field. TrainConfig uses it, and so does sft.SFTConfig."""
+    for name, hint in _hints_of(type(cfg)).items():
+        setattr(cfg, name, _coerce(name, getattr(cfg, name), hint))
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise TrainError(msg)
+
+    for name in positive:
+        need(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "decay_end", "log_every", "lr", "min_lr", "weight_decay", "grad_clip", "muon_lr",
+                 *non_negative):
+        need(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
+    need(cfg.min_lr <= cfg.lr, f"min_lr ({cfg.min_lr}) must not exceed lr ({cfg.lr})")
+    need(cfg.eps > 0, f"eps must be positive, got {cfg.eps}")
+    need(all(0 <= b < 1 for b in cfg.betas), f"betas must be in [0, 1), got {list(cfg.betas)}")
+    need(0 < cfg.wsd_decay_fraction <= 1, f"wsd_decay_fraction must be in (0, 1], got {cfg.wsd_decay_fraction}")
+    for name, values in {"schedule": ("cosine", "wsd"), "wsd_decay_shape": ("linear", "sqrt"),
+                         "optimizer": ("adamw", "muon"), "dtype": ("auto", "float32", "bfloat16"),
+                         "logger": ("none", "tensorboard", "wandb"), **(choices or {})}.items():
+        need(getattr(cfg, name) in values, f"{name} must be {' or '.join(map(repr, values))}, got {getattr(cfg, name)!r}")
+    need(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"),
+         f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {cfg.device!r}")
+    need(cfg.out != "", "out (the run folder) is empty; give a folder, e.g. out=runs/tiny")
+    need(cfg.decay_end == 0 or cfg.decay_end > cfg.warmup_steps,
+         f"decay_end ({cfg.decay_end}) must come after warmup_steps ({cfg.warmup_steps}), or be 0 for max_steps")
+
+
+class Config(Protocol):
+    """What the run-folder helpers need of a config: TrainConfig, or a later chapter's (sft.SFTConfig)."""
+
+    out: str
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+C = typing.TypeVar("C", bound=Config)
+
+
 
 
 def _type_name(hint: object) -> str:
@@ -313,9 +348,12 @@ def _parse(name: str, text: str, hint: object) -> object:
     raise bad
 
 
-def apply_overrides(cfg: TrainConfig, overrides: dict[str, str] | Iterable[str]) -> TrainConfig:
+def apply_overrides(cfg: C, overrides: dict[str, str] | Iterable[str]) -> C:
     """A new config with command-line overrides applied: {"lr": "1e-3", "model.d_model": "128"}
-    or ["lr=1e-3", ...]. Unknown keys and values of the wrong type raise TrainError."""
+    or ["lr=1e-3", ...]. Unknown keys and values of the wrong type raise TrainError.
+
+    `cfg` is a TrainConfig or any config dataclass with to_dict/from_dict (sft.SFTConfig): the field
+    types come from the class, and model.FIELD applies where the class has `model_overrides`."""
     if not isinstance(overrides, dict):
         pairs = {}
         for item in overrides:
@@ -324,19 +362,22 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, str] | Iterable[str])
                 raise TrainError(f"an override is KEY=VALUE, got {item!r}; e.g. --set lr=1e-3 or --set model.d_model=128")
             pairs[key.strip()] = value
         overrides = pairs
+    hints = _hints_of(type(cfg))
+    has_model = "model_overrides" in hints
     d = cfg.to_dict()
-    d["model_overrides"] = dict(d["model_overrides"])
+    if has_model:
+        d["model_overrides"] = dict(d["model_overrides"])
     for key, text in overrides.items():
         key = key.replace("-", "_")
-        if key.startswith(("model.", "model_overrides.")):
+        if has_model and key.startswith(("model.", "model_overrides.")):
             sub = key.split(".", 1)[1]
             d["model_overrides"][sub] = _parse(key, text, _model_hint(sub))
-        elif key in _HINTS and key != "model_overrides":
-            d[key] = _parse(key, text, _HINTS[key])
+        elif key in hints and key != "model_overrides":
+            d[key] = _parse(key, text, hints[key])
         else:
-            raise TrainError(f"unknown config field {key!r}; known fields: {', '.join(k for k in _HINTS if k != 'model_overrides')}, "
-                             "and model.FIELD for the model")
-    return TrainConfig.from_dict(d)
+            raise TrainError(f"unknown config field {key!r}; known fields: {', '.join(k for k in hints if k != 'model_overrides')}"
+                             + (", and model.FIELD for the model" if has_model else ""))
+    return type(cfg).from_dict(d)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -358,14 +399,17 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise TrainError(f"{path}: not valid TOML ({e})") from None
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, str] | Iterable[str] = ()) -> TrainConfig:
-    """The config of a TOML file (or the defaults), with command-line overrides applied."""
-    cfg = TrainConfig()
+def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, str] | Iterable[str] = (),
+                cls: type[C] = TrainConfig) -> C:  # type: ignore[assignment]
+    """The config of a TOML file (or the defaults), with command-line overrides applied.
+    `cls` is TrainConfig, or another config dataclass with to_dict/from_dict (sft.SFTConfig)."""
+    cfg = cls()
     if path is not None:
         d = _read_toml(Path(path))
-        d.setdefault("model_overrides", {})
+        if "model_overrides" in _hints_of(cls):
+            d.setdefault("model_overrides", {})
         try:
-            cfg = TrainConfig.from_dict({**cfg.to_dict(), **d})
+            cfg = cls.from_dict({**cfg.to_dict(), **d})
         except TrainError as e:
             raise TrainError(f"{path}: {e}") from None
     return apply_overrides(cfg, overrides)
@@ -388,13 +432,15 @@ def _toml_value(value: object) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def config_to_toml(cfg: TrainConfig) -> str:
-    """The config as TOML: one line per field, then the [model_overrides] table (None = the preset's)."""
+def config_to_toml(cfg: Config) -> str:
+    """The config as TOML: one line per field, then the [model_overrides] table (None = the preset's)
+    if the config has one. Works for TrainConfig and any other config dataclass with to_dict."""
     d = cfg.to_dict()
-    lines = ["# minillm training config (written by minillm.train; read back with load_config)"]
+    lines = [f"# minillm config: {type(cfg).__module__}.{type(cfg).__name__} (written by minillm; --config reads it back)"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in d.items() if k != "model_overrides"]
-    lines += ["", "[model_overrides]"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in d["model_overrides"].items() if v is not None]
+    if "model_overrides" in d:
+        lines += ["", "[model_overrides]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in d["model_overrides"].items() if v is not None]
     return "\n".join(lines) + "\n"
 
 
@@ -465,21 +511,25 @@ class MultiOptimizer:
 Optimizer = torch.optim.Optimizer | MultiOptimizer
 
 
-def adamw_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+def adamw_param_groups(model: torch.nn.Module, cfg: TrainConfig, no_decay: Iterable[Tensor] = ()) -> list[dict[str, Any]]:
     """AdamW's two groups: the matrices (p.dim() >= 2) with weight decay, the rest without. Under
-    FSDP2 the parameters are DTensors that keep their global shape, so dim() sorts them the same."""
+    FSDP2 the parameters are DTensors that keep their global shape, so dim() sorts them the same.
+    `no_decay` names matrices to keep out of weight decay (sft: an embedding whose old rows must not move)."""
     params = [p for p in model.parameters() if p.requires_grad]  # a tied weight comes once
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+    plain = {id(p) for p in no_decay}
+    decayed = {id(p) for p in params if p.dim() >= 2 and id(p) not in plain}
+    return [{"params": [p for p in params if id(p) in decayed], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0, "lr_scale": 1.0}]
 
 
-def build_optimizer(model: LLM, cfg: TrainConfig, device: torch.device) -> Optimizer:
+def build_optimizer(model: LLM, cfg: TrainConfig, device: torch.device, no_decay: Iterable[Tensor] = ()) -> Optimizer:
     """AdamW (or Muon + AdamW) with weight decay on the matrices only.
 
     Decayed: every parameter with two or more dimensions, the embedding included (as nanoGPT and
     GPT-2 do: the embedding is a matrix that grows like the others). Not decayed: norm weights and
     biases, which set scales and offsets, where pulling toward zero only hurts. Each group's
-    "lr_scale" multiplies the schedule's lr (Muon may want its own).
+    "lr_scale" multiplies the schedule's lr (Muon may want its own). `no_decay`: see adamw_param_groups
+    (AdamW only).
     """
     params = [p for p in model.parameters() if p.requires_grad]  # a tied weight comes once
     matrices = [p for p in params if p.dim() >= 2]
@@ -487,8 +537,10 @@ def build_optimizer(model: LLM, cfg: TrainConfig, device: torch.device) -> Optim
     # fused=True is the fastest AdamW on CUDA; foreach (one kernel per group of tensors) elsewhere.
     impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
     adamw_kw = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **impl)
+    if no_decay and cfg.optimizer != "adamw":
+        raise TrainError(f"no_decay is for optimizer='adamw', got {cfg.optimizer!r}")
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(adamw_param_groups(model, cfg), **adamw_kw)
+        return torch.optim.AdamW(adamw_param_groups(model, cfg, no_decay), **adamw_kw)
     # Muon orthogonalizes the update of a hidden matrix; the embedding, the output layer and the
     # vectors keep AdamW (Muon's authors' recommendation: the ends of the network are not "hidden").
     ends = {id(p) for m in (model.token_embedding, model.lm_head, model.pos_embedding) if m is not None
@@ -733,10 +785,19 @@ def train_step(model: torch.nn.Module, optimizer: Optimizer, next_batch: Callabl
 
 
 @torch.no_grad()
+def _all_targets(batch: Any) -> int:
+    return batch[1].numel()
+
+
 def evaluate(model: torch.nn.Module, batches: Iterable[Any], *, loss_fn: LossFn = lm_loss,
-             amp: contextlib.AbstractContextManager | None = None, strategy: Strategy | None = None) -> tuple[float, int]:
+             amp: contextlib.AbstractContextManager | None = None, strategy: Strategy | None = None,
+             count_targets: Callable[[Any], int] = _all_targets) -> tuple[float, int]:
     """The mean loss over `batches` (each weighted by its number of targets) and that number; under a
-    distributed strategy, over every rank's batches (a collective: every rank must call it)."""
+    distributed strategy, over every rank's batches (a collective: every rank must call it).
+
+    `count_targets(batch)` is how many targets a batch's mean loss averages: every entry of y by default
+    (pretraining); a masked loss passes the number that counts (sft: `lambda b: b.targets`), or the
+    mean would give a batch of short answers as much weight as its padding."""
     strategy = strategy or SingleDevice()
     was_training = model.training
     model.eval()
@@ -745,7 +806,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Any], *, loss_fn: LossFn 
         for batch in batches:
             with amp or contextlib.nullcontext():
                 loss = loss_fn(model, batch)
-            n = batch[1].numel()
+            n = count_targets(batch)
             total += loss.float().item() * n
             count += n
     finally:
@@ -818,18 +879,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(folder: str | os.PathLike[str], model: LLM, optimizer: Optimizer, tokenizer: Tokenizer,
-                    cfg: TrainConfig, state: dict[str, Any]) -> Path:
+                    cfg: Config, state: dict[str, Any], extra: Callable[[Path], Iterable[str]] | None = None) -> Path:
     """Write a checkpoint folder as one step (minillm.files.atomic_dir): the weights (safetensors),
     the optimizer (torch.save of plain tensors), the tokenizer, the config, and state.json last,
-    with `state` (step, sampler, ...), every RNG and the SHA-256 of each other file."""
+    with `state` (step, sampler, ...), every RNG and the SHA-256 of each other file.
+
+    `extra(tmp)` may write more files into the folder being built and return their names (a LoRA
+    adapter, chapter 08); they are checksummed like the others, so loading checks them too."""
     folder = Path(folder)
     with atomic_dir(folder, overwrite=True) as tmp:
         _safetensors().save_file(_model_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         tokenizer.save(tmp / "tokenizer.bpe")
         (tmp / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")
+        names = [*_CHECKPOINT_FILES, *(extra(tmp) if extra is not None else ())]
         full = {"format": _STATE_FORMAT, **state, "rng": rng_state(), "model_config": model.cfg.to_dict(),
-                "files": {name: _sha256(tmp / name) for name in _CHECKPOINT_FILES}}
+                "files": {name: _sha256(tmp / name) for name in names}}
         (tmp / "state.json").write_text(json.dumps(full), encoding="utf-8")
     return folder
 
@@ -953,14 +1018,16 @@ def _load_optimizer_file(optimizer: Optimizer, path: Path) -> None:
         raise CheckpointError(f"{path} does not fit the optimizer ({e})") from None
 
 
-def load_checkpoint(folder: str | os.PathLike[str], model: LLM, optimizer: Optimizer | None = None,
+def load_checkpoint(folder: str | os.PathLike[str], model: LLM | None, optimizer: Optimizer | None = None,
                     *, restore_rng: bool = True) -> dict[str, Any]:
     """Load a checkpoint into `model` (and `optimizer`); returns its state (step, sampler, config...).
     Every file is checked against the checksum in state.json first: a truncated or swapped file is a
-    CheckpointError, and nothing is loaded."""
+    CheckpointError, and nothing is loaded. `model` None loads no weights (only the state, the optimizer
+    and the RNGs: a LoRA run rebuilds its model from the base and the adapter file, chapter 08)."""
     folder = Path(folder)
     state = _read_state(folder)
-    _load_model_file(model, folder / "model.safetensors")
+    if model is not None:
+        _load_model_file(model, folder / "model.safetensors")
     if optimizer is not None:
         if state.get("optimizer_format", "full") != "full":
             raise CheckpointError(f"{folder} holds {state['optimizer_format']} optimizer state (strategy="
