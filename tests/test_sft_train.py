@@ -39,6 +39,7 @@ from minillm.sft import (
 from minillm.train import (
     CheckpointError,
     TrainError,
+    apply_overrides,
     config_to_toml,
     evaluate,
     latest_checkpoint,
@@ -253,6 +254,19 @@ def test_lora_trains_only_the_adapters_and_the_chat_rows(base: Path, data: Path,
             assert not torch.equal(saved[key], start[key])
         else:
             assert torch.equal(saved[key], start[key]), key
+
+
+def test_truncate_keeps_long_prompts_and_resume_refuses_changed_data(base: Path, data: Path, tmp_path: Path) -> None:
+    mine = tmp_path / "data.jsonl"
+    mine.write_text(data.read_text())
+    cfg = config(base, mine, tmp_path / "run", "too_long=truncate", "max_steps=2", "eval_every=0", "samples=0")
+    result = finetune(cfg, progress=False)
+    assert sum(c["truncated"] for c in result.fit.values()) == 2  # the two long prompts, cut from the left
+    assert sum(c["dropped_too_long"] for c in result.fit.values()) == 0
+    lines = mine.read_text().splitlines()
+    mine.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # the same pairs, in another order
+    with pytest.raises(SFTError, match="changed since the checkpoint"):
+        finetune(apply_overrides(cfg, ["max_steps=4"]), resume=True, progress=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -469,7 +469,8 @@ class SFTConfig:
         for name in ("val_fraction", "test_fraction"):
             need(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
         need(self.val_fraction + self.test_fraction < 1,
-             f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction} leaves nothing to train on; lower them")
+             f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction} leaves nothing to train on; "
+             "lower them")
         need(self.lora_alpha == 0 or self.lora_rank > 0,
              f"lora_alpha={self.lora_alpha:g} needs lora_rank > 0 (alpha scales the LoRA update); set lora_rank, or "
              "lora_alpha=0 for full fine-tuning")
@@ -517,10 +518,11 @@ class ExampleBatches:
 
     The rows are the examples themselves (padding: each batch is right-padded to its longest) or, with
     `packing`, rows of `seq_len` inputs packed once (`pack_groups`), from the examples in a seeded
-    shuffled order (so that a row mixes modules); a row's tensors are built when its batch is drawn. Epoch e visits the rows in a permutation drawn from (seed, e) alone, so
-    the state is two numbers, the epoch and the batches already taken in it: a resumed run draws
-    exactly the batches an uninterrupted run would. Without `shuffle`, one pass in order (validation).
-    The last batch of an epoch may be smaller.
+    shuffled order (so that a row mixes modules); a row's tensors are built when its batch is drawn.
+    Epoch e visits the rows in a permutation drawn from (seed, e) alone, so the state is two numbers,
+    the epoch and the batches already taken in it: a resumed run draws exactly the batches an
+    uninterrupted run would. Without `shuffle`, one pass in order (validation). The last batch of an
+    epoch may be smaller.
     """
 
     def __init__(self, examples: Sequence[Example], batch_size: int, seq_len: int, *, packing: bool, seed: int = 0,
@@ -608,7 +610,8 @@ def _train_new_rows(model: LLM, first_new: int) -> list[nn.Parameter]:
     give <|end|> a higher logit than the others (greedy decoding would then never stop). The rows are
     new parameters with nothing pretrained in them, so they train; the old rows get a zero gradient
     (a hook), and with no weight decay on these matrices (see finetune) AdamW leaves them exactly as
-    they were. The row count is tiny (4 * d_model per matrix) next to the adapters.
+    they were. The rows that train are few (4 * d_model per matrix) next to the adapters; the price of
+    this simple way is AdamW's moments for the whole matrices (an optimizer.pt of about the model's size).
     """
     mats = list({id(p): p for p in (model.token_embedding.weight, model.lm_head.weight)}.values())  # tied: once
     if first_new >= model.cfg.vocab_size:
@@ -835,7 +838,9 @@ def finetune(cfg: SFTConfig, *, resume: bool = False, force: bool = False, progr
                 return None
             batches = itertools.islice(data.val, cfg.eval_batches or None)
             loss, n = evaluate(model, batches, loss_fn=sft_loss, amp=amp, count_targets=lambda b: b.targets)
-            row = {"step": step, "kind": kind, "val_loss": loss, "val_targets": n} | ({"final": True} if kind == "final" else {})
+            row = {"step": step, "kind": kind, "val_loss": loss, "val_targets": n}
+            if kind == "final":
+                row["final"] = True  # written again when a resumed run ends
             log.log(row)
             return row
 
