@@ -8,6 +8,7 @@ with a 64-token context), and ~40 made-up conversations over the same words make
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -294,7 +295,8 @@ def test_bad_inputs_name_the_problem_and_the_fix(base: Path, data: Path, tmp_pat
 
 
 def test_the_command_line_runs_and_reports_bad_arguments(base: Path, data: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture) -> None:
+                                                         capsys: pytest.CaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "cli"
     argv = ["sft", "--from", str(base), "--data", str(data), "--lora-rank", "2", "--set", f"out={out}",
             "--set", "max_steps=3", "--set", "val_fraction=0.2", "--set", "batch_size=4", "--set", "eval_every=0"]
@@ -313,3 +315,13 @@ def test_the_command_line_runs_and_reports_bad_arguments(base: Path, data: Path,
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, (bad, err)
     assert (latest_checkpoint(out) / ADAPTER_FILE).is_file()  # --force replaced nothing: the run failed its checks first
+
+    # minillm chat on the fine-tuned checkpoint, driven through a pipe: one answer (and a blank line) per request.
+    monkeypatch.setattr("sys.stdin", io.StringIO("Reverse: a b c\n/reset\nReverse: d e f\n/quit\n"))
+    assert cli_main(["chat", "--checkpoint", str(out), "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.endswith("\n\n") and printed.count("\n\n") >= 2  # two answers, each followed by a blank line
+    assert cli_main(["chat", "--checkpoint", str(base)]) == 2  # a pretrained model has no chat tokens
+    assert "not a fine-tuned model" in capsys.readouterr().err
+    assert cli_main(["chat", "--checkpoint", str(out), "--top-p", "2"]) == 2
+    assert "top_p" in capsys.readouterr().err

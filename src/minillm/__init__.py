@@ -15,6 +15,11 @@ from minillm.generate import sample_token, stream_text
 from minillm.train import TrainConfig, TrainError, load_for_inference
 from minillm.distributed import DataParallel, DistributedError, FullyShardedDataParallel, ShardedOptimizer
 from minillm.plan import Plan, PlanError
+from minillm.instructions import Conversation, Message
+from minillm.sandbox import score_function
+from minillm.lora import LoRAError, apply_lora, merge_lora
+from minillm.sft import ChatTemplate, SFTConfig, SFTError
+from minillm.chat import ChatSession
 
 __version__ = "0.1.0"
 
@@ -33,4 +38,7 @@ __all__ = [
     "TrainConfig", "TrainError", "load_for_inference",
     # chapter 07: scaling out
     "DataParallel", "DistributedError", "FullyShardedDataParallel", "ShardedOptimizer", "Plan", "PlanError",
+    # chapter 08: supervised fine-tuning
+    "Conversation", "Message", "score_function", "LoRAError", "apply_lora", "merge_lora", "ChatTemplate", "SFTConfig",
+    "SFTError", "ChatSession",
 ]

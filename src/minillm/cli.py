@@ -196,6 +196,20 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from minillm.chat import ChatSession, load_chat, repl
+
+    # The checkpoint and the settings are checked before the first question: a ValueError here
+    # (a checkpoint that is not fine-tuned, a bad temperature) is the user's to fix.
+    try:
+        model, template = load_chat(args.checkpoint)
+        session = ChatSession(model, template, system=args.system, temperature=args.temperature, top_p=args.top_p,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed)
+    except ValueError as e:
+        raise CommandError(_describe(e)) from None
+    return repl(session)
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch  # imported here, as the model code: the text commands start without torch
 
@@ -433,6 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in its out folder from its latest checkpoint")
     p.add_argument("--force", action="store_true", help="replace an existing run folder")
     p.set_defaults(func=_cmd_sft)
+    p = sub.add_parser("chat", parents=[common], help="talk to a fine-tuned model (a checkpoint of 'minillm sft'); "
+                       "with piped input, one answer per line")
+    p.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint) or a checkpoint folder of 'minillm sft'")
+    p.add_argument("--system", default=None, help="a system prompt for every conversation")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy; below 1 sharper, above 1 flatter (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.9, help="sample among the most likely tokens whose probability reaches p (default 0.9)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens in an answer (default: half the context)")
+    p.add_argument("--seed", type=int, default=None, help="seed for the sampler, for the same answers every run")
+    p.set_defaults(func=_cmd_chat)
     p = sub.add_parser("plot", parents=[common], help="draw a run's loss, learning rate, gradient norm and throughput")
     p.add_argument("run", help="a run folder written by 'minillm train'")
     p.add_argument("--out", help="the image to write (default: RUN/curves.png)")
