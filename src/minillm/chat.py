@@ -84,18 +84,16 @@ class ChatSession:
         end = self.template.end_id
         events = generate(self.model, [prompt], max_new_tokens=self.max_new_tokens, eos_id=end,
                           generator=self.generator, stream=True, **self.sampling)
-        decoder = self.template.tokenizer.decoder()
         ids: list[int] = []
-        for _, token in events:
-            if token == end:
-                break
-            ids.append(token)
-            piece = decoder.decode(token)
-            if piece:
-                yield piece
-        tail = decoder.flush()
-        if tail:
-            yield tail
+
+        def answer() -> Iterator[int]:  # the new tokens up to <|end|>, kept for the conversation
+            for _, token in events:
+                if token == end:
+                    return
+                ids.append(token)
+                yield token
+
+        yield from self.template.tokenizer.decode_stream(answer())
         self.turns.append(Message("assistant", self.template.tokenizer.decode(ids)))
 
     def ask(self, text: str) -> str:

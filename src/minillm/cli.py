@@ -252,6 +252,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(load, config: str | None, overrides: list[str], resume: bool):  # noqa: ANN001, ANN202
+    """The config of a training command: `config` with `overrides`, or, with --resume, the run's own
+    config.toml (in the folder that `out` names) with the same overrides on top."""
+    from pathlib import Path
+
+    cfg = load(config, overrides)
+    if resume:
+        saved = Path(cfg.out) / "config.toml"
+        if not saved.is_file():
+            raise CommandError(f"{cfg.out}: nothing to resume (no config.toml); start the run without --resume, "
+                               "or give the run's folder with --set out=RUN")
+        cfg = load(saved, overrides)
+    return cfg
+
+
 def _train_errors():
     """The training errors that are the user's to fix (imported late: they bring torch)."""
     from minillm.data import DataError
@@ -262,19 +277,12 @@ def _train_errors():
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from minillm.train import load_config, train
 
     # --strategy NAME is --set strategy=NAME, applied after the --set overrides (it is the more specific).
     overrides = [*(args.set or ()), *([f"strategy={args.strategy}"] if args.strategy else [])]
     try:
-        cfg = load_config(args.config, overrides)
-        if args.resume:  # the run's own config, with this command's overrides on top
-            if not (Path(cfg.out) / "config.toml").is_file():
-                raise CommandError(f"{cfg.out}: nothing to resume (no config.toml); start the run without --resume, "
-                                   "or give the run's folder with --set out=RUN")
-            cfg = load_config(Path(cfg.out) / "config.toml", overrides)
+        cfg = _run_config(load_config, args.config, overrides, args.resume)
         result = train(cfg, resume=args.resume, force=args.force)
     except _train_errors() as e:
         raise CommandError(_describe(e)) from None
@@ -293,8 +301,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from minillm.lora import LoRAError
     from minillm.sft import finetune, load_sft_config
 
@@ -302,12 +308,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     flags = {"base": args.base, "data": args.data, "lora_rank": args.lora_rank}
     overrides = [*(args.set or ()), *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     try:
-        cfg = load_sft_config(args.config, overrides)
-        if args.resume:  # the run's own config, with this command's overrides on top
-            if not (Path(cfg.out) / "config.toml").is_file():
-                raise CommandError(f"{cfg.out}: nothing to resume (no config.toml); start the run without --resume, "
-                                   "or give the run's folder with --set out=RUN")
-            cfg = load_sft_config(Path(cfg.out) / "config.toml", overrides)
+        cfg = _run_config(load_sft_config, args.config, overrides, args.resume)
         result = finetune(cfg, resume=args.resume, force=args.force)
     except (*_train_errors(), LoRAError) as e:
         raise CommandError(_describe(e)) from None
