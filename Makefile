@@ -35,8 +35,10 @@ test-fast: $(STAMP)  ## unit tests only, skipping the slow PDF and notebook chec
 corpus: $(STAMP)  ## summarize the built-in corpus
 	$(PY) -m minillm corpus
 
-llm: $(STAMP)  ## train the tiny model on the standard library, tokenizer included (~10 min on 2 cores): runs/tiny
+llm: $(STAMP)  ## tokenizer, pretraining, SFT and the held-out rates on the standard library (~12 min on 2 cores)
 	$(PY) -m minillm train --config configs/tiny.toml --force
+	$(PY) -m minillm sft --from runs/tiny --config configs/sft-tiny.toml --force
+	$(PY) -m minillm eval --checkpoint runs/sft-tiny --json runs/sft-tiny/eval-test.json
 
 pdf: $(STAMP)  ## build/book.pdf, solutions.pdf and exercises.pdf from the stored notebooks (CHAPTER=04 for one)
 	$(PY) book/build.py $(if $(CHAPTER),--chapter $(CHAPTER))

@@ -378,6 +378,24 @@ def test_split_of_module_fractions_and_arguments():
             split_of_module("m", **bad)
 
 
+def test_doctested_modules_go_to_test(pairs, splits):
+    counts: dict[str, int] = {}
+    for c in pairs:
+        if c.meta["has_doctest"] == "1" and not c.meta["class"]:
+            counts[c.meta["module"]] = counts.get(c.meta["module"], 0) + 1
+    held = {m for m, n in counts.items() if n >= 2}
+    assert held, "no module has two doctested functions: the rule would be untested"
+    test_modules = {c.meta["module"] for c in splits["test"]}
+    assert held <= test_modules
+    assert not held & {c.meta["module"] for c in splits["train"] + splits["val"]}
+    # turned off, those modules follow the hash like any other
+    plain = split_pairs(pairs, doctest_modules=0)
+    assert {split_of_module(m, 0.05, 0.05, "train") for m in held} != {"test"}
+    assert {c.meta["module"] for c in plain["test"]} != test_modules
+    with pytest.raises(DataError, match="doctest_modules"):
+        split_pairs(pairs, doctest_modules=-1)
+
+
 def test_conversations_without_module_split_one_by_one():
     items = [conv(("user", f"q{i}"), ("assistant", "a"), source=f"data.jsonl:{i}") for i in range(400)]
     out = split_pairs(items, 0.25, 0.25)

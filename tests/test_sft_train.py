@@ -226,6 +226,21 @@ def test_resume_is_bit_exact(base: Path, data: Path, tmp_path: Path, monkeypatch
         finetune(changed, resume=True, progress=False)
 
 
+def test_mask_prompt_false_trains_on_every_token_and_keeps_validation_masked(base: Path, data: Path,
+                                                                              tmp_path: Path) -> None:
+    masked = sft._prepare_data(config(base, data, tmp_path / "a"), template_of(base), 64, torch.device("cpu"))
+    unmasked = sft._prepare_data(config(base, data, tmp_path / "b", "mask_prompt=false"), template_of(base), 64,
+                                 torch.device("cpu"))
+    for a, b in zip(masked.fitted["train"].examples, unmasked.fitted["train"].examples):
+        assert a.ids == b.ids and b.targets == len(b) - 1 > a.targets
+    assert unmasked.fitted["val"].examples == masked.fitted["val"].examples  # comparable validation losses
+    assert masked.digest != unmasked.digest  # a resume with the other setting is refused
+
+
+def template_of(base: Path) -> ChatTemplate:
+    return ChatTemplate.for_tokenizer(load_for_inference(base)[1])
+
+
 def test_lora_trains_only_the_adapters_and_the_chat_rows(base: Path, data: Path, tmp_path: Path) -> None:
     result = finetune(config(base, data, tmp_path / "lora", "lora_rank=4", "weight_decay=0.1"), progress=False)
     assert result.trainable < result.total / 5
@@ -325,3 +340,18 @@ def test_the_command_line_runs_and_reports_bad_arguments(base: Path, data: Path,
     assert "not a fine-tuned model" in capsys.readouterr().err
     assert cli_main(["chat", "--checkpoint", str(out), "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+    # minillm eval: the held-out requests answered and run; a pretrained checkpoint is evaluated as SFT starts.
+    report = tmp_path / "eval.json"
+    assert cli_main(["eval", "--checkpoint", str(out), "--split", "val", "--max-new-tokens", "6",
+                     "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out requests (val split of" in printed and "functions" in printed and "doctests pass" in printed
+    counts = json.loads(report.read_text())
+    val = split_pairs(load_jsonl(data), 0.2, 0.05)["val"]  # the run's own fractions, read from its config
+    assert counts["functions"]["n"] + counts["skipped"] == len(val) > 0
+    assert cli_main(["eval", "--checkpoint", str(base), "--data", str(data), "--limit", "3",
+                     "--max-new-tokens", "4"]) == 0
+    assert "a pretrained checkpoint" in capsys.readouterr().out
+    assert cli_main(["eval", "--checkpoint", str(out), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err

@@ -210,6 +210,41 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return repl(session)
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from minillm.codeeval import answer_requests, held_out, load_for_eval, score_answers
+    from minillm.files import atomic_write
+    from minillm.instructions import DataError
+
+    try:
+        model, template, settings = load_for_eval(args.checkpoint)
+        data = args.data or str(settings.get("data", "stdlib"))
+        requests = held_out(data, args.split, float(settings.get("val_fraction", 0.05)),
+                            float(settings.get("test_fraction", 0.05)))
+        if args.limit:
+            requests = requests[: args.limit]
+        if settings["pretrained"]:
+            print("a pretrained checkpoint: the chat tokens are new to it (their rows start at the mean of the others)")
+        print(f"answering {len(requests):,} held-out requests ({args.split} split of {data}), greedy, "
+              f"at most {args.max_new_tokens} tokens each")
+        answers = answer_requests(model, template, requests, max_new_tokens=args.max_new_tokens,
+                                  batch_size=args.batch_size)
+        report = score_answers(requests, answers, workers=args.workers, timeout=args.timeout)
+    except (ValueError, DataError, OSError) as e:
+        raise CommandError(_describe(e)) from None
+    shown = [a for a in report.attempts if not a.method][: args.show]
+    for a in shown:
+        verdict = ("parses" if a.score.parses else "does not parse") + (", compiles" if a.score.compiles else "")
+        if a.reference_passes:
+            verdict += f", {a.score.doctests_passed}/{a.score.doctests} doctests"
+        print(f"--- {a.source}: {a.request.splitlines()[0][:80]}\n{a.answer.rstrip()}\n    [{verdict}]")
+    print(report.table())
+    if args.json:
+        atomic_write(args.json, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch  # imported here, as the model code: the text commands start without torch
 
@@ -457,6 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens in an answer (default: half the context)")
     p.add_argument("--seed", type=int, default=None, help="seed for the sampler, for the same answers every run")
     p.set_defaults(func=_cmd_chat)
+    p = sub.add_parser("eval", parents=[common], help="held-out requests answered and run: the share of answers "
+                       "that parse, compile and pass their doctests (in a sandbox)")
+    p.add_argument("--checkpoint", required=True, help="a run folder or checkpoint of 'minillm sft' (or of 'minillm "
+                   "train', for the rates before fine-tuning)")
+    p.add_argument("--data", default=None, help="'stdlib' or a JSONL file (default: the SFT run's data, else stdlib)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="which held-out split (default test)")
+    p.add_argument("--limit", type=int, default=0, help="answer only the first N requests (default: all)")
+    p.add_argument("--show", type=int, default=3, help="print this many answers to function requests (default 3)")
+    p.add_argument("--max-new-tokens", type=int, default=192, help="most tokens in an answer (default 192)")
+    p.add_argument("--batch-size", type=int, default=16, help="requests generated together (default 16)")
+    p.add_argument("--workers", type=int, default=2, help="sandboxed children at a time (default 2)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds for each answer's run (default 5)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the counts and rates to FILE")
+    p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("plot", parents=[common], help="draw a run's loss, learning rate, gradient norm and throughput")
     p.add_argument("run", help="a run folder written by 'minillm train'")
     p.add_argument("--out", help="the image to write (default: RUN/curves.png)")

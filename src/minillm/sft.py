@@ -419,6 +419,7 @@ class SFTConfig:
     batch_size: int = 8  # rows per step: examples (padding) or packed rows of seq_len (packing)
     packing: bool = True
     too_long: str = "drop"  # or "truncate": the prompt loses its oldest tokens; the answer is never cut
+    mask_prompt: bool = True  # False: the loss counts every token (chapter 08's ablation; validation stays masked)
     epochs: int = 1
     max_steps: int = 0  # 0: epochs * batches per epoch; else this many steps, whatever the epochs
     # The optimizer and its schedule (as in TrainConfig).
@@ -743,6 +744,9 @@ def _prepare_data(cfg: SFTConfig, template: ChatTemplate, seq_len: int, device: 
     if not fitted["train"].examples:
         raise SFTError(f"no training example fits seq_len={seq_len} ({fitted['train'].report()}); raise seq_len, "
                        "or set too_long=truncate to keep examples whose prompt is too long")
+    if not cfg.mask_prompt:  # every token a target, the first of each example aside (nothing predicts it)
+        unmasked = [Example(e.ids, (False,) + (True,) * (len(e) - 1), e.source) for e in fitted["train"].examples]
+        fitted["train"] = dataclasses.replace(fitted["train"], examples=unmasked)
     train = ExampleBatches(fitted["train"].examples, cfg.batch_size, seq_len, packing=cfg.packing, seed=cfg.seed,
                            device=device)
     val = None
