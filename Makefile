@@ -35,7 +35,7 @@ test-fast: $(STAMP)  ## unit tests only, skipping the slow PDF and notebook chec
 corpus: $(STAMP)  ## summarize the built-in corpus
 	$(PY) -m minillm corpus
 
-llm: $(STAMP)  ## tokenizer, pretraining, SFT and the held-out rates on the standard library (~12 min on 2 cores)
+llm: $(STAMP)  ## tokenizer, pretraining, SFT and the held-out rates on the standard library (~12 min on 2 cores): runs/
 	$(PY) -m minillm train --config configs/tiny.toml --force
 	$(PY) -m minillm sft --from runs/tiny --config configs/sft-tiny.toml --force
 	$(PY) -m minillm eval --checkpoint runs/sft-tiny --json runs/sft-tiny/eval-test.json
