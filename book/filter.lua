@@ -39,3 +39,26 @@ function Math(m)
   local typ = pandoc.write(doc, "typst"):gsub("%s+$", "")
   return pandoc.RawInline("typst", fix_typst(typ))
 end
+
+-- The markdown reader makes "chapter 06's" a right single quote, which the typst writer prints as
+-- "'" and typst's smart quotes then set after a digit as an accent-like prime. Emitted raw, the
+-- right single quote prints as the apostrophe the text means.
+function Str(s)
+  if not s.text:find("%d\u{2019}") then
+    return nil
+  end
+  local out, rest = {}, s.text
+  while true do
+    local i, j = rest:find("%d\u{2019}")
+    if not i then
+      break
+    end
+    table.insert(out, pandoc.Str(rest:sub(1, i)))
+    table.insert(out, pandoc.RawInline("typst", "\u{2019}"))
+    rest = rest:sub(j + 1)
+  end
+  if rest ~= "" then
+    table.insert(out, pandoc.Str(rest))
+  end
+  return out
+end
