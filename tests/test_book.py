@@ -159,6 +159,19 @@ def test_code_fits_the_page(path):
     assert not long, f"{path.name}: {len(long)} code lines over {build.CODE_COLUMNS} columns, e.g. {long[0]!r}"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda p: p.relative_to(CHAPTERS).as_posix())
+def test_nbval_markers_are_exact(path):
+    # nbval acts on a comment that is exactly its marker: "# NBVAL_IGNORE_OUTPUT (why)" is silently
+    # ignored, and the cell is compared after all (found when chapter 08 failed under another Python).
+    from nbval.plugin import comment_markers
+
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    bad = [line.strip() for c in nb["cells"] if c["cell_type"] == "code"
+           for line in "".join(c["source"]).splitlines()
+           if "NBVAL_" in line and line.strip().lstrip("#").strip() not in comment_markers]
+    assert not bad, f"{path.name}: {bad[:3]}; put the marker alone on its line and the reason on the next"
+
+
 def test_notebook_code_is_ruff_formatted():
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     if ruff is None:
