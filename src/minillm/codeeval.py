@@ -241,11 +241,10 @@ def load_for_eval(path: str, device: str = "cpu") -> tuple[LLM, ChatTemplate, di
     """A checkpoint ready to answer requests: a fine-tuned one as it is; a pretrained one with the chat
     tokens added and its embedding resized (new rows at the mean: what fine-tuning starts from).
     The third value holds the run's SFT data settings where the run has them (data, fractions)."""
-    import tomllib
     from pathlib import Path
 
     from minillm.sft import resize_vocab
-    from minillm.train import load_for_inference
+    from minillm.train import _read_toml, load_for_inference
 
     model, tokenizer = load_for_inference(path, device)
     settings: dict[str, object] = {"pretrained": False}
@@ -258,8 +257,7 @@ def load_for_eval(path: str, device: str = "cpu") -> tuple[LLM, ChatTemplate, di
     folder = Path(path)
     for candidate in (folder / "config.toml", folder.parent.parent / "config.toml"):
         if candidate.is_file():
-            with open(candidate, "rb") as f:
-                saved = tomllib.load(f)
+            saved = _read_toml(candidate)  # the loop's reader: tomli on Python 3.10, errors that name the file
             if "base" in saved:  # an SFT run's config
                 settings.update({k: saved[k] for k in ("data", "val_fraction", "test_fraction") if k in saved})
             break

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minillm.files import atomic_write, check_output
-from minillm.instructions import ROLES, DataError, Message
+from minillm.instructions import ROLES, DataError, Message, Meta
 from minillm.sft import IGNORE, Batch, ChatTemplate, Example, SFTError, pad_batch
 
 __all__ = [
@@ -54,17 +54,17 @@ class DPOError(SFTError, DataError):
 MetaValue = str | int | float | bool
 
 
-class PairMeta(Mapping[str, MetaValue]):
+class PairMeta(Meta):
     """A read-only, hashable mapping of strings to strings or numbers: a pair's scores and provenance.
 
-    Like `instructions.Meta`, but numbers are allowed (a score is a number). Non-finite floats are
-    refused: JSON has no NaN, and NaN != NaN would break the save/load round trip.
+    `instructions.Meta` with numbers allowed (a score is a number). Non-finite floats are refused:
+    JSON has no NaN, and NaN != NaN would break the save/load round trip.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ()
 
-    def __init__(self, items: Mapping[str, MetaValue] | Iterable[tuple[str, MetaValue]] = ()) -> None:
-        d = dict(items)
+    @classmethod
+    def _check(cls, d: dict) -> None:
         for k, v in d.items():
             if not isinstance(k, str):
                 raise DPOError(f"meta keys must be strings, got {k!r}; convert the key with str()")
@@ -72,31 +72,6 @@ class PairMeta(Mapping[str, MetaValue]):
                 raise DPOError(f"meta[{k!r}] is {type(v).__name__}; a meta value must be a string or a number")
             if isinstance(v, float) and not math.isfinite(v):
                 raise DPOError(f"meta[{k!r}] is {v}; a meta number must be finite (JSON has no NaN or infinity)")
-        object.__setattr__(self, "_items", d)
-
-    def __getitem__(self, key: str) -> MetaValue:
-        return self._items[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __hash__(self) -> int:
-        return hash(frozenset(self._items.items()))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Mapping) and dict(self._items) == dict(other.items())
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError("PairMeta is read-only")
-
-    def __repr__(self) -> str:
-        return f"PairMeta({self._items!r})"
-
-    def __reduce__(self) -> tuple[type, tuple[dict[str, MetaValue]]]:
-        return (PairMeta, (dict(self._items),))
 
 
 @dataclass(frozen=True)

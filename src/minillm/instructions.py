@@ -88,12 +88,17 @@ class Meta(Mapping[str, str]):
 
     def __init__(self, items: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
         d = dict(items)
+        self._check(d)
+        object.__setattr__(self, "_items", d)
+
+    @classmethod
+    def _check(cls, d: dict) -> None:
+        """Refuse what this mapping may not hold (a subclass widens or narrows the values)."""
         for k, v in d.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise DataError(
                     f"meta must map strings to strings, got {k!r}: {type(v).__name__}; convert the value with str()"
                 )
-        object.__setattr__(self, "_items", d)
 
     def __getitem__(self, key: str) -> str:
         return self._items[key]
@@ -111,13 +116,13 @@ class Meta(Mapping[str, str]):
         return isinstance(other, Mapping) and dict(self._items) == dict(other.items())
 
     def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError("Meta is read-only")
+        raise AttributeError(f"{type(self).__name__} is read-only")
 
     def __repr__(self) -> str:
-        return f"Meta({self._items!r})"
+        return f"{type(self).__name__}({self._items!r})"
 
-    def __reduce__(self) -> tuple[type, tuple[dict[str, str]]]:
-        return (Meta, (dict(self._items),))
+    def __reduce__(self) -> tuple[type, tuple[dict]]:
+        return (type(self), (dict(self._items),))
 
 
 @dataclass(frozen=True)
