@@ -217,31 +217,53 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from minillm.files import atomic_write
     from minillm.instructions import DataError
 
-    try:
-        model, template, settings = load_for_eval(args.checkpoint)
-        data = args.data or str(settings.get("data", "stdlib"))
-        requests = held_out(data, args.split, float(settings.get("val_fraction", 0.05)),
-                            float(settings.get("test_fraction", 0.05)))
-        if args.limit:
-            requests = requests[: args.limit]
-        if settings["pretrained"]:
-            print("a pretrained checkpoint: the chat tokens are new to it (their rows start at the mean of the others)")
-        print(f"answering {len(requests):,} held-out requests ({args.split} split of {data}), greedy, "
-              f"at most {args.max_new_tokens} tokens each")
-        answers = answer_requests(model, template, requests, max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size)
-        report = score_answers(requests, answers, workers=args.workers, timeout=args.timeout)
-    except (ValueError, DataError, OSError) as e:
-        raise CommandError(_describe(e)) from None
-    shown = [a for a in report.attempts if not a.method][: args.show]
-    for a in shown:
-        verdict = ("parses" if a.score.parses else "does not parse") + (", compiles" if a.score.compiles else "")
-        if a.reference_passes:
-            verdict += f", {a.score.doctests_passed}/{a.score.doctests} doctests"
-        print(f"--- {a.source}: {a.request.splitlines()[0][:80]}\n{a.answer.rstrip()}\n    [{verdict}]")
-    print(report.table())
+    reports = {}
+    cache: dict[str, bool | None] = {}  # the references' doctest results, shared by the checkpoints
+    for checkpoint in args.checkpoint:
+        try:
+            model, template, settings = load_for_eval(checkpoint)
+            data = args.data or str(settings.get("data", "stdlib"))
+            requests = held_out(data, args.split, float(settings.get("val_fraction", 0.05)),
+                                float(settings.get("test_fraction", 0.05)))
+            if args.functions_only:
+                requests = [c for c in requests if not c.meta.get("class")]
+            if args.limit:
+                requests = requests[: args.limit]
+            if len(args.checkpoint) > 1:
+                print(f"=== {checkpoint}")
+            if settings["pretrained"]:
+                print("a pretrained checkpoint: the chat tokens are new to it (their rows start at the mean of the others)")
+            print(f"answering {len(requests):,} held-out requests ({args.split} split of {data}), greedy, "
+                  f"at most {args.max_new_tokens} tokens each")
+            answers = answer_requests(model, template, requests, max_new_tokens=args.max_new_tokens,
+                                      batch_size=args.batch_size)
+            report = score_answers(requests, answers, workers=args.workers, timeout=args.timeout, reference_cache=cache)
+        except (ValueError, DataError, OSError) as e:
+            raise CommandError(_describe(e)) from None
+        shown = [a for a in report.attempts if not a.method][: args.show]
+        for a in shown:
+            verdict = ("parses" if a.score.parses else "does not parse") + (", compiles" if a.score.compiles else "")
+            if a.reference_passes:
+                verdict += f", {a.score.doctests_passed}/{a.score.doctests} doctests"
+            print(f"--- {a.source}: {a.request.splitlines()[0][:80]}\n{a.answer.rstrip()}\n    [{verdict}]")
+        print(report.table())
+        reports[checkpoint] = report
+    if len(reports) > 1:  # the stages side by side: what each step of the pipeline changed
+        width = max(len(c) for c in reports) + 2
+        print(f"\nheld-out function requests, {args.split} split")
+        print(f"{'checkpoint':{width}}{'asked':>7}{'parses':>9}{'compiles':>10}{'doctests pass':>15}")
+        for checkpoint, report in reports.items():
+            f = report.functions
+
+            def pct(what: str, f=f) -> str:  # noqa: ANN001
+                v = f.rate(what)
+                return "-" if v is None else f"{100 * v:.1f}%"
+
+            print(f"{checkpoint:{width}}{f.n:>7}{pct('parses'):>9}{pct('compiles'):>10}{pct('passes'):>8} of {f.passable}")
     if args.json:
-        atomic_write(args.json, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+        out = (next(iter(reports.values())).to_dict() if len(reports) == 1
+               else {c: r.to_dict() for c, r in reports.items()})
+        atomic_write(args.json, (json.dumps(out, indent=2) + "\n").encode())
     return 0
 
 
@@ -359,6 +381,80 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     for request, reply in result.samples:
         print(f"--- {request.splitlines()[0][:100]}\n{reply}")
     print(f"run folder  {result.run} (minillm sample --checkpoint {result.run} --prompt ...)")
+    return 0
+
+
+def _cmd_dpo_pairs(args: argparse.Namespace) -> int:
+    import random
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from minillm.codeeval import load_for_eval, sft_settings
+    from minillm.dpo import DPOError, generate_pairs, save_pairs
+    from minillm.files import check_output
+    from minillm.instructions import DataError, load_jsonl, split_pairs, stdlib_pairs
+
+    try:
+        check_output(args.out, overwrite=args.force, what="pairs file")  # before minutes of sampling
+        model, template, settings = load_for_eval(args.base)
+        if settings["pretrained"]:
+            raise CommandError(f"{args.base} is a pretrained model: preference pairs are answers of a fine-tuned one; "
+                               f"run minillm sft --from {args.base} first and give its run")
+        settings = sft_settings(Path(args.base))
+        data = args.data or str(settings.get("data", "stdlib"))
+        pairs = stdlib_pairs() if data == "stdlib" else load_jsonl(data)
+        requests = split_pairs(pairs, float(settings.get("val_fraction", 0.05)),
+                               float(settings.get("test_fraction", 0.05)))["train"]
+        random.Random(args.seed).shuffle(requests)  # a limit then takes a spread of modules
+        if args.limit:
+            requests = requests[: args.limit]
+        print(f"sampling {args.samples} answers to each of {len(requests):,} training requests of {data} "
+              f"(temperature {args.temperature}, at most {args.max_new_tokens} tokens)")
+        with tqdm(total=len(requests) * args.samples, desc="answers", unit="answer", disable=not sys.stderr.isatty(),
+                  dynamic_ncols=True) as bar:
+            report = generate_pairs(model, template, requests, samples=args.samples, temperature=args.temperature,
+                                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                                    workers=args.workers, timeout=args.timeout,
+                                    progress=lambda done: bar.update(done - bar.n))
+        if not report.pairs:
+            raise CommandError("no pair: every request's answers share one grade (or none fits the context); sample "
+                               "more answers (--samples) or raise --temperature")
+        save_pairs(args.out, report.pairs, overwrite=args.force)
+    except (DPOError, DataError, ValueError, OSError) as e:
+        raise CommandError(_describe(e)) from None
+    print(report.table())
+    print(f"wrote {len(report.pairs):,} pairs to {args.out} (minillm dpo --from {args.base} --pairs {args.out})")
+    return 0
+
+
+def _cmd_dpo(args: argparse.Namespace) -> int:
+    from minillm.dpo import load_dpo_config, preference_tune
+    from minillm.lora import LoRAError
+
+    flags = {"base": args.base, "pairs": args.pairs, "reference": args.reference, "lora_rank": args.lora_rank,
+             "beta": args.beta}
+    overrides = [*(args.set or ()), *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+    try:
+        cfg = _run_config(load_dpo_config, args.config, overrides, args.resume)
+        result = preference_tune(cfg, resume=args.resume, force=args.force)
+    except (*_train_errors(), LoRAError) as e:
+        raise CommandError(_describe(e)) from None
+    minutes, seconds = divmod(round(result.seconds), 60)
+    what = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "every weight"
+    n = result.pairs
+    print(f"preference-tuned {result.run}: {result.step} steps ({result.epochs:.2f} epochs) in {minutes}m{seconds:02d}s, "
+          f"{what}, beta {cfg.beta:g}")
+    print(f"pairs  {n['kept']:,} kept ({n['train']:,} train, {n['val']:,} held out), {n['prompt_too_long']:,} with a "
+          f"prompt too long, {n['response_too_long']:,} with a response too long")
+    for name, m in (("train", result.train), ("held out", result.val)):
+        if m:
+            print(f"{name:<9} loss {m['loss']:.3f}  accuracy {m['accuracy']:.1%}  reward margin {m['margin']:+.3f} "
+                  f"(chosen {m['reward_chosen']:+.3f}, rejected {m['reward_rejected']:+.3f})")
+    if result.kl is not None:
+        print(f"KL from the reference  {result.kl:.3f} nats per answer ({result.kl_per_token:.4f} per token), "
+              "on held-out requests")
+    print(f"run folder  {result.run} (minillm eval --checkpoint {result.run})")
     return 0
 
 
@@ -483,6 +579,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in its out folder from its latest checkpoint")
     p.add_argument("--force", action="store_true", help="replace an existing run folder")
     p.set_defaults(func=_cmd_sft)
+    p = sub.add_parser("dpo-pairs", parents=[common], help="preference pairs from a fine-tuned model's own answers, "
+                       "graded by running them (parses, compiles, passes doctests)")
+    p.add_argument("--from", dest="base", required=True, metavar="RUN",
+                   help="the run folder or checkpoint of 'minillm sft' that answers (its training requests are asked)")
+    p.add_argument("--out", required=True, help="the JSONL file of pairs to write")
+    p.add_argument("--data", default=None, help="'stdlib' or a JSONL file (default: the SFT run's data)")
+    p.add_argument("--samples", type=int, default=4, help="answers per request (default 4)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    p.add_argument("--limit", type=int, default=0, help="ask only N requests, a seeded random spread (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens in an answer (default 128)")
+    p.add_argument("--batch-size", type=int, default=32, help="answers generated together (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the request order and the sampler (default 0)")
+    p.add_argument("--workers", type=int, default=2, help="sandboxed children at a time (default 2)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds for each answer's run (default 5)")
+    p.add_argument("--force", action="store_true", help="replace an existing pairs file")
+    p.set_defaults(func=_cmd_dpo_pairs)
+    p = sub.add_parser("dpo", parents=[common], help="preference-tune a fine-tuned model on pairs (DPO, optional "
+                       "LoRA), with checkpoints")
+    p.add_argument("--from", dest="base", metavar="RUN", help="the run folder or checkpoint of 'minillm sft' to start from")
+    p.add_argument("--pairs", metavar="FILE", help="a JSONL file of pairs (prompt, chosen, rejected)")
+    p.add_argument("--config", help="a TOML preset, e.g. configs/dpo-tiny.toml (default: DPOConfig's defaults)")
+    p.add_argument("--reference", metavar="RUN", help="the frozen reference (default: the --from checkpoint)")
+    p.add_argument("--beta", type=float, help="the KL anchor's strength (default 0.1)")
+    p.add_argument("--lora-rank", type=int, metavar="R", help="train rank-R LoRA adapters instead of every weight")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeat): --set epochs=2")
+    p.add_argument("--resume", action="store_true", help="continue the run in its out folder from its latest checkpoint")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder")
+    p.set_defaults(func=_cmd_dpo)
     p = sub.add_parser("chat", parents=[common], help="talk to a fine-tuned model (a checkpoint of 'minillm sft'); "
                        "with piped input, one answer per line")
     p.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint) or a checkpoint folder of 'minillm sft'")
@@ -494,8 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_chat)
     p = sub.add_parser("eval", parents=[common], help="held-out requests answered and run: the share of answers "
                        "that parse, compile and pass their doctests (in a sandbox)")
-    p.add_argument("--checkpoint", required=True, help="a run folder or checkpoint of 'minillm sft' (or of 'minillm "
-                   "train', for the rates before fine-tuning)")
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="a run folder or checkpoint of 'minillm sft' or 'minillm dpo' (or of 'minillm train', for the "
+                   "rates before fine-tuning); repeat it to compare stages side by side")
+    p.add_argument("--functions-only", action="store_true", help="ask only the function requests (methods are "
+                   "scored for parsing and compiling only; this halves the time)")
     p.add_argument("--data", default=None, help="'stdlib' or a JSONL file (default: the SFT run's data, else stdlib)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which held-out split (default test)")
     p.add_argument("--limit", type=int, default=0, help="answer only the first N requests (default: all)")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -33,7 +34,7 @@ from minillm.model import LLM
 from minillm.sandbox import Score, score_many
 from minillm.sft import ChatTemplate, SFTError
 
-__all__ = ["Attempt", "Rates", "EvalReport", "answer_requests", "code_of", "score_answers", "evaluate_model", "held_out", "load_for_eval"]
+__all__ = ["Attempt", "Rates", "EvalReport", "answer_ids", "answer_requests", "code_of", "score_answers", "evaluate_model", "held_out", "load_for_eval", "sft_settings"]
 
 
 def _name(c: Conversation) -> str:
@@ -140,16 +141,17 @@ def code_of(answer: str) -> str:
     return answer
 
 
-def answer_requests(model: LLM, template: ChatTemplate, requests: Sequence[Conversation], *,
-                    max_new_tokens: int = 192, temperature: float = 0.0, batch_size: int = 16,
-                    seed: int = 0, min_answer_tokens: int = 32,
-                    progress: Callable[[int], None] | None = None) -> list[tuple[str, bool] | None]:
-    """The model's answer to each request (its messages up to the last user turn): (text, finished).
+def answer_ids(model: LLM, template: ChatTemplate, requests: Sequence[Conversation], *,
+               max_new_tokens: int = 192, temperature: float = 0.0, batch_size: int = 16, seed: int = 0,
+               min_answer_tokens: int = 32, progress: Callable[[int], None] | None = None,
+               ) -> list[tuple[list[int], list[int]] | None]:
+    """The model's answer to each request as token ids: (prompt ids, new ids), None where skipped.
 
-    Greedy by default, so an evaluation is repeatable. Requests are batched by prompt length (left
-    padding, the KV cache); each batch gets as many new tokens as its longest prompt leaves of the
-    context, at most `max_new_tokens`. A request whose prompt leaves fewer than `min_answer_tokens`
-    gets None. `progress` is called with the number of requests done after each batch.
+    Requests are batched by prompt length (left padding, the KV cache); each batch gets as many new
+    tokens as its longest prompt leaves of the context, at most `max_new_tokens`. A request whose
+    prompt leaves fewer than `min_answer_tokens` gets None. Sampling draws from one generator seeded
+    with `seed`, so a call repeats. `progress` is called with the number of requests done after each
+    batch. The new ids end with <|end|> when the answer finished.
     """
     if model.cfg.vocab_size < template.tokenizer.vocab_size:
         raise SFTError(f"the model has {model.cfg.vocab_size} token rows but the chat template needs "
@@ -160,7 +162,7 @@ def answer_requests(model: LLM, template: ChatTemplate, requests: Sequence[Conve
         ids = template.prompt(c.prompt)
         prompts.append(ids if context - len(ids) + 1 >= min_answer_tokens else None)
     order = sorted((i for i, p in enumerate(prompts) if p is not None), key=lambda i: len(prompts[i]))
-    out: list[tuple[str, bool] | None] = [None] * len(requests)
+    out: list[tuple[list[int], list[int]] | None] = [None] * len(requests)
     generator = torch.Generator(device=model.token_embedding.weight.device).manual_seed(seed)
     done = 0
     for start in range(0, len(order), batch_size):
@@ -170,11 +172,25 @@ def answer_requests(model: LLM, template: ChatTemplate, requests: Sequence[Conve
         new = generate(model, [prompts[i] for i in rows], max_new_tokens=budget, temperature=temperature,
                        eos_id=template.end_id, generator=generator)
         for i, ids in zip(rows, new):
-            out[i] = (template.reply(ids), template.end_id in ids)
+            out[i] = (prompts[i], ids)
         done += len(rows)
         if progress is not None:
             progress(done)
     return out
+
+
+def answer_requests(model: LLM, template: ChatTemplate, requests: Sequence[Conversation], *,
+                    max_new_tokens: int = 192, temperature: float = 0.0, batch_size: int = 16,
+                    seed: int = 0, min_answer_tokens: int = 32,
+                    progress: Callable[[int], None] | None = None) -> list[tuple[str, bool] | None]:
+    """The model's answer to each request (its messages up to the last user turn): (text, finished).
+
+    Greedy by default, so an evaluation is repeatable; batched as `answer_ids` says, which also says
+    when a request is skipped (None).
+    """
+    answers = answer_ids(model, template, requests, max_new_tokens=max_new_tokens, temperature=temperature,
+                         batch_size=batch_size, seed=seed, min_answer_tokens=min_answer_tokens, progress=progress)
+    return [None if a is None else (template.reply(a[1]), template.end_id in a[1]) for a in answers]
 
 
 def score_answers(requests: Sequence[Conversation], answers: Sequence[tuple[str, bool] | None], *,
@@ -241,10 +257,8 @@ def load_for_eval(path: str, device: str = "cpu") -> tuple[LLM, ChatTemplate, di
     """A checkpoint ready to answer requests: a fine-tuned one as it is; a pretrained one with the chat
     tokens added and its embedding resized (new rows at the mean: what fine-tuning starts from).
     The third value holds the run's SFT data settings where the run has them (data, fractions)."""
-    from pathlib import Path
-
     from minillm.sft import resize_vocab
-    from minillm.train import _read_toml, load_for_inference
+    from minillm.train import load_for_inference
 
     model, tokenizer = load_for_inference(path, device)
     settings: dict[str, object] = {"pretrained": False}
@@ -254,11 +268,21 @@ def load_for_eval(path: str, device: str = "cpu") -> tuple[LLM, ChatTemplate, di
         template = ChatTemplate.for_tokenizer(tokenizer)
         model = resize_vocab(model, template.tokenizer.vocab_size)
         settings["pretrained"] = True
-    folder = Path(path)
+    settings.update(sft_settings(Path(path)))
+    return model, template, settings
+
+
+def sft_settings(folder: Path, hops: int = 3) -> dict[str, object]:
+    """The SFT data settings (data, fractions) of the run that `folder` (a run or checkpoint) belongs
+    to; a DPO run's are its base's, since its held-out requests are the SFT split's."""
+    from minillm.train import _read_toml
+
     for candidate in (folder / "config.toml", folder.parent.parent / "config.toml"):
         if candidate.is_file():
             saved = _read_toml(candidate)  # the loop's reader: tomli on Python 3.10, errors that name the file
+            if "pairs" in saved and saved.get("base") and hops:  # a DPO run
+                return sft_settings(Path(str(saved["base"])), hops - 1)
             if "base" in saved:  # an SFT run's config
-                settings.update({k: saved[k] for k in ("data", "val_fraction", "test_fraction") if k in saved})
-            break
-    return model, template, settings
+                return {k: saved[k] for k in ("data", "val_fraction", "test_fraction") if k in saved}
+            return {}
+    return {}

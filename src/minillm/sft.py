@@ -40,7 +40,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,10 +51,17 @@ from torch import Tensor, nn
 
 from minillm import lora
 from minillm.files import atomic_write
-from minillm.instructions import Conversation, Message, load_jsonl, split_pairs, stdlib_pairs
+from minillm.instructions import (
+    Conversation,
+    Message,
+    load_jsonl,
+    split_pairs,
+    stdlib_pairs,
+)
 from minillm.model import LLM
 from minillm.tokenizer import Tokenizer, TokenizerError
 from minillm.train import (
+    RunConfig,
     RunLog,
     SingleDevice,
     TrainError,
@@ -79,7 +86,8 @@ from minillm.train import (
 __all__ = [
     "SFTError", "SYSTEM", "USER", "ASSISTANT", "END", "CHAT_TOKENS", "IGNORE", "ChatTemplate", "Example", "Fitted",
     "fit", "Batch", "pad_batch", "pack", "pack_groups", "packed_row", "stack", "sft_loss", "resize_vocab",
-    "SFTConfig", "load_sft_config", "ExampleBatches", "SFTResult", "finetune", "ADAPTER_FILE",
+    "SFTConfig", "load_sft_config", "check_lora_settings", "ExampleBatches", "SFTResult", "finetune", "ADAPTER_FILE",
+    "LoopResult", "run_steps", "save_run_checkpoint",
 ]
 
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -395,7 +403,7 @@ def resize_vocab(model: LLM, vocab_size: int) -> LLM:
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(RunConfig):
     """Everything a fine-tuning run depends on. Saved as the run folder's config.toml.
 
     The optimizer and schedule fields are TrainConfig's, with the same names and meanings, so that
@@ -404,6 +412,8 @@ class SFTConfig:
     weight decay (it would pull the pretrained weights toward zero, not toward where they started),
     a short warmup, and a budget in epochs over the examples rather than in steps.
     """
+
+    error = SFTError
 
     # What to start from, and on what.
     base: str = ""  # a run folder of `minillm train` (its latest checkpoint) or a checkpoint folder
@@ -472,30 +482,19 @@ class SFTConfig:
         need(self.val_fraction + self.test_fraction < 1,
              f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction} leaves nothing to train on; "
              "lower them")
-        need(self.lora_alpha == 0 or self.lora_rank > 0,
-             f"lora_alpha={self.lora_alpha:g} needs lora_rank > 0 (alpha scales the LoRA update); set lora_rank, or "
-             "lora_alpha=0 for full fine-tuning")
-        need(not (self.lora_rank and self.optimizer == "muon"),
-             "optimizer='muon' with lora_rank > 0: Muon orthogonalizes whole matrices, which a rank-r adapter is not; "
-             "use optimizer=adamw")
+        check_lora_settings(self)
         return self
 
-    @property
-    def end_of_decay(self) -> int:
-        return self.decay_end or self.max_steps
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
+def check_lora_settings(cfg: Any) -> None:
+    """The LoRA fields of a fine-tuning config (SFTConfig, dpo.DPOConfig); raises cfg.error naming the fix."""
+    if cfg.lora_alpha != 0 and cfg.lora_rank == 0:
+        raise cfg.error(f"lora_alpha={cfg.lora_alpha:g} needs lora_rank > 0 (alpha scales the LoRA update); set "
+                        "lora_rank, or lora_alpha=0 to train every weight")
+    if cfg.lora_rank and cfg.optimizer == "muon":
+        raise cfg.error("optimizer='muon' with lora_rank > 0: Muon orthogonalizes whole matrices, which a rank-r "
+                        "adapter is not; use optimizer=adamw")
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SFTConfig:
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise SFTError(f"unknown config field(s) {unknown}; known fields: {', '.join(known)}")
-        return cls(**d)
 
 
 def load_sft_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, str] | Iterable[str] = ()) -> SFTConfig:
@@ -771,6 +770,74 @@ def _check_resume(saved: dict[str, Any], cfg: SFTConfig) -> None:
                        f"{', '.join(f'{k}={getattr(old, k)!r}' for k in changed)}); keep them, or start a new run")
 
 
+@dataclass
+class LoopResult:
+    step: int  # where the loop stopped: max_steps
+    loss: float | None  # the last training loss
+    tokens_per_s: float  # input positions (padding included) per second of training, pauses left out
+
+
+def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: ExampleBatches, cfg: Any, schedule: Any, *,
+              step: int, steps: int, loss_fn: Callable[[nn.Module, Any], Tensor], amp: Any, log: RunLog, desc: str,
+              progress: bool, row: Callable[[], dict[str, float]] | None = None,
+              every: Sequence[tuple[int, Callable[[int], object]]] = ()) -> LoopResult:
+    """The fine-tuning loop (of `finetune` and `dpo.preference_tune`): from `step` to `steps`, one
+    `train.train_step` each, with the schedule's learning rate, a log row every cfg.log_every steps
+    (loss, `row()`'s values, lr, gradient norm, epochs, tokens/s) and, for each (n, action) of
+    `every`, action(step) every n steps before the last (n = 0: never). Time spent in the actions is
+    not training time: the throughput leaves it out."""
+    from tqdm import tqdm
+
+    strategy = SingleDevice()
+    bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    window_start, window_tokens, train_seconds, train_tokens = time.perf_counter(), 0, 0.0, 0
+    loss = None
+    try:
+        while step < steps:
+            lr = lr_at(step, schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            last = train_step(model, optimizer, batches.next_batch, step=step + 1, loss_fn=loss_fn,
+                              grad_clip=cfg.grad_clip, amp=amp, strategy=strategy)
+            step += 1
+            window_tokens += batches.last.x.numel()
+            loss = last.loss
+            if cfg.log_every and (step % cfg.log_every == 0 or step == steps):
+                elapsed = time.perf_counter() - window_start
+                train_seconds, train_tokens = train_seconds + elapsed, train_tokens + window_tokens
+                log.log({"step": step, "loss": last.loss, **(row() if row else {}), "lr": lr, "grad_norm": last.grad_norm,
+                         "epoch": batches.progress, "tokens_per_s": window_tokens / elapsed})
+                bar.set_postfix(loss=f"{last.loss:.3f}", refresh=False)
+            bar.update(1)
+            paused = time.perf_counter()  # evaluation, samples and checkpoints do not count as training time
+            for n, action in every:
+                if n and step % n == 0 and step < steps:
+                    action(step)
+            if cfg.log_every and step % cfg.log_every == 0:
+                window_start, window_tokens = time.perf_counter(), 0
+            else:
+                window_start += time.perf_counter() - paused
+    finally:
+        bar.close()
+    return LoopResult(step, loss, train_tokens / train_seconds if train_seconds else 0.0)
+
+
+def save_run_checkpoint(run: Path, step: int, model: LLM, optimizer: torch.optim.Optimizer, tokenizer: Tokenizer,
+                        cfg: Any, state: dict[str, Any], adapter_base: str) -> None:
+    """checkpoints/step_N of a fine-tuning run: the merged weights (and the adapter file under LoRA),
+    then the oldest checkpoints beyond cfg.keep_checkpoints removed."""
+    folder = run / "checkpoints" / f"step_{step:07d}"
+    folder.parent.mkdir(exist_ok=True)
+
+    def adapter(tmp: Path) -> list[str]:
+        lora.save_adapter(tmp / ADAPTER_FILE, model, base_fingerprint=adapter_base)
+        return [ADAPTER_FILE]
+
+    save_checkpoint(folder, _plain_copy(model), optimizer, tokenizer, cfg, state, adapter if cfg.lora_rank else None)
+    for old in _checkpoints(run)[:-cfg.keep_checkpoints or None]:
+        shutil.rmtree(old)
+
+
 def finetune(cfg: SFTConfig, *, resume: bool = False, force: bool = False, progress: bool | None = None) -> SFTResult:
     """Fine-tune the base model `cfg.base` on instruction data, as `cfg` says; with `resume`, continue
     the run in cfg.out from its latest checkpoint.
@@ -837,18 +904,18 @@ def finetune(cfg: SFTConfig, *, resume: bool = False, force: bool = False, progr
     result = SFTResult(run, step, steps, fit={k: _fit_counts(v) for k, v in data.fitted.items()}, trainable=m.trainable,
                        total=m.total)
     try:
-        def eval_row(kind: str) -> dict[str, Any] | None:
+        def eval_row(kind: str, at: int) -> dict[str, Any] | None:
             if data.val is None:
                 return None
             batches = itertools.islice(data.val, cfg.eval_batches or None)
             loss, n = evaluate(model, batches, loss_fn=sft_loss, amp=amp, count_targets=lambda b: b.targets)
-            row = {"step": step, "kind": kind, "val_loss": loss, "val_targets": n}
+            row = {"step": at, "kind": kind, "val_loss": loss, "val_targets": n}
             if kind == "final":
                 row["final"] = True  # written again when a resumed run ends
             log.log(row)
             return row
 
-        def answers(final: bool = False) -> list[tuple[str, str]]:
+        def answers(at: int, final: bool = False) -> list[tuple[str, str]]:
             """Greedy answers to the held-out requests (no RNG is drawn: a resumed run writes the same)."""
             if not data.requests:
                 return []
@@ -859,24 +926,14 @@ def finetune(cfg: SFTConfig, *, resume: bool = False, force: bool = False, progr
                                temperature=0.0, eos_id=template.end_id)
             pairs = [(c.user, template.reply(ids)) for c, ids in zip(data.requests, out)]
             for request, reply in pairs:
-                log.sample(step, request, reply, final=final)
+                log.sample(at, request, reply, final=final)
             return pairs
 
-        def checkpoint() -> None:
-            folder = run / "checkpoints" / f"step_{step:07d}"
-            folder.parent.mkdir(exist_ok=True)
-            state = {"step": step, "kind": "sft", "sampler": data.train.state_dict(), "config": cfg.to_dict(),
+        def checkpoint(at: int) -> None:
+            state = {"step": at, "kind": "sft", "sampler": data.train.state_dict(), "config": cfg.to_dict(),
                      "base": str(base if base is not None else saved["base"]), "data_digest": data.digest,
                      "fit": result.fit}
-
-            def adapter(tmp: Path) -> list[str]:
-                lora.save_adapter(tmp / ADAPTER_FILE, model, base_fingerprint=m.adapter_base)
-                return [ADAPTER_FILE]
-
-            save_checkpoint(folder, _plain_copy(model), optimizer, template.tokenizer, cfg, state,
-                            adapter if cfg.lora_rank else None)
-            for old in _checkpoints(run)[:-cfg.keep_checkpoints or None]:
-                shutil.rmtree(old)
+            save_run_checkpoint(run, at, model, optimizer, template.tokenizer, cfg, state, m.adapter_base)
 
         for tmp in (run / "checkpoints").glob(".step_*.tmp"):  # a checkpoint cut short by a crash
             shutil.rmtree(tmp, ignore_errors=True)
@@ -885,52 +942,22 @@ def finetune(cfg: SFTConfig, *, resume: bool = False, force: bool = False, progr
                      "batches_per_epoch": len(data.train), "max_steps": steps, "trainable": m.trainable, "total": m.total,
                      **{f"{split}_{k}": v for split, counts in result.fit.items() for k, v in counts.items()}})
             if cfg.eval_every:
-                eval_row("eval")  # the base model's masked loss: where fine-tuning starts from
+                eval_row("eval", 0)  # the base model's masked loss: where fine-tuning starts from
             if cfg.sample_every:
-                answers()
+                answers(0)
 
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, initial=step, desc="fine-tuning", unit="step", disable=not progress, dynamic_ncols=True)
-        window_start, window_tokens, train_seconds, train_tokens = time.perf_counter(), 0, 0.0, 0
-        try:
-            while step < steps:
-                lr = lr_at(step, schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                last = train_step(model, optimizer, data.train.next_batch, step=step + 1, loss_fn=sft_loss,
-                                  grad_clip=cfg.grad_clip, amp=amp, strategy=strategy)
-                step += 1
-                window_tokens += data.train.last.x.numel()
-                result.loss = last.loss
-                if cfg.log_every and (step % cfg.log_every == 0 or step == steps):
-                    elapsed = time.perf_counter() - window_start
-                    train_seconds, train_tokens = train_seconds + elapsed, train_tokens + window_tokens
-                    log.log({"step": step, "loss": last.loss, "lr": lr, "grad_norm": last.grad_norm,
-                             "epoch": data.train.progress, "tokens_per_s": window_tokens / elapsed})
-                    bar.set_postfix(loss=f"{last.loss:.3f}", refresh=False)
-                bar.update(1)
-                paused = time.perf_counter()  # evaluation, samples and checkpoints do not count as training time
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
-                    eval_row("eval")
-                if cfg.sample_every and step % cfg.sample_every == 0 and step < steps:
-                    answers()
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
-                    checkpoint()
-                if cfg.log_every and step % cfg.log_every == 0:
-                    window_start, window_tokens = time.perf_counter(), 0
-                else:
-                    window_start += time.perf_counter() - paused
-        finally:
-            bar.close()
-
+        loop = run_steps(model, optimizer, data.train, cfg, schedule, step=step, steps=steps, loss_fn=sft_loss, amp=amp,
+                         log=log, desc="fine-tuning", progress=progress,
+                         every=[(cfg.eval_every, lambda at: eval_row("eval", at)), (cfg.sample_every, answers),
+                                (cfg.checkpoint_every, checkpoint)])
+        step = loop.step
         if not (saved is not None and saved["step"] == step):
-            checkpoint()
-        final = eval_row("final")
-        result.step, result.epochs = step, data.train.progress
+            checkpoint(step)
+        final = eval_row("final", step)
+        result.step, result.epochs, result.loss = step, data.train.progress, loop.loss
         result.val_loss = final["val_loss"] if final else None
-        result.tokens_per_s = train_tokens / train_seconds if train_seconds else 0.0
-        result.samples = answers(final=True)
+        result.tokens_per_s = loop.tokens_per_s
+        result.samples = answers(step, final=True)
     finally:
         log.close()
     result.seconds = time.perf_counter() - start_time

@@ -74,8 +74,33 @@ class NonFiniteError(TrainError):
 # The config
 
 
+class RunConfig:
+    """What every run config shares (TrainConfig, and later chapters' sft.SFTConfig, dpo.DPOConfig):
+    the end of the learning-rate decay, a dict form for TOML (betas as a list), and a constructor from
+    a dict that names unknown fields. `error` is the exception a subclass raises for its bad inputs."""
+
+    error: type[TrainError] = TrainError
+
+    @property
+    def end_of_decay(self) -> int:
+        return self.decay_end or self.max_steps  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        d["betas"] = list(self.betas)  # type: ignore[attr-defined]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):  # noqa: ANN206
+        known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise cls.error(f"unknown config field(s) {unknown}; known fields: {', '.join(known)}")
+        return cls(**d)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """Everything a run depends on. Saved as the run folder's config.toml; see configs/README.md."""
 
     # What to train, on what.
@@ -165,10 +190,6 @@ class TrainConfig:
                              f"lower seq_len or set model.max_seq_len={self.seq_len}")
         return cfg
 
-    @property
-    def end_of_decay(self) -> int:
-        return self.decay_end or self.max_steps
-
     def accum_steps(self, world_size: int = 1) -> int:
         """Micro-batches per optimizer step on each of `world_size` processes."""
         micro = self.batch_size * self.seq_len * world_size
@@ -179,17 +200,6 @@ class TrainConfig:
                              f"world_size = {micro}")
         return self.tokens_per_step // micro
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        unknown = sorted(set(d) - set(_HINTS))
-        if unknown:
-            raise TrainError(f"unknown config field(s) {unknown}; known fields: {', '.join(_HINTS)}")
-        return cls(**d)
 
 
 _HINTS = typing.get_type_hints(TrainConfig)
