@@ -35,10 +35,13 @@ test-fast: $(STAMP)  ## unit tests only, skipping the slow PDF and notebook chec
 corpus: $(STAMP)  ## summarize the built-in corpus
 	$(PY) -m minillm corpus
 
-llm: $(STAMP)  ## tokenizer, pretraining, SFT and the held-out rates on the standard library (~12 min on 2 cores): runs/
+llm: $(STAMP)  ## tokenizer, pretraining, SFT, DPO and the held-out rates of each stage, on the standard library (~15 min on 2 cores): runs/
 	$(PY) -m minillm train --config configs/tiny.toml --force
 	$(PY) -m minillm sft --from runs/tiny --config configs/sft-tiny.toml --force
-	$(PY) -m minillm eval --checkpoint runs/sft-tiny --json runs/sft-tiny/eval-test.json
+	$(PY) -m minillm dpo-pairs --from runs/sft-tiny --out runs/dpo-pairs.jsonl --limit 256 --force
+	$(PY) -m minillm dpo --config configs/dpo-tiny.toml --force
+	$(PY) -m minillm eval --checkpoint runs/tiny --checkpoint runs/sft-tiny --checkpoint runs/dpo-tiny \
+		--functions-only --show 1 --json runs/eval-test.json
 
 pdf: $(STAMP)  ## build/book.pdf, solutions.pdf and exercises.pdf from the stored notebooks (CHAPTER=04 for one)
 	$(PY) book/build.py $(if $(CHAPTER),--chapter $(CHAPTER))

@@ -589,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     p.add_argument("--limit", type=int, default=0, help="ask only N requests, a seeded random spread (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens in an answer (default 128)")
-    p.add_argument("--batch-size", type=int, default=32, help="answers generated together (default 32)")
+    p.add_argument("--batch-size", type=int, default=64, help="answers generated together (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request order and the sampler (default 0)")
     p.add_argument("--workers", type=int, default=2, help="sandboxed children at a time (default 2)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds for each answer's run (default 5)")

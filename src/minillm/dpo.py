@@ -16,6 +16,18 @@ difference of the two rewards:
 
 The log-probabilities count the response's tokens and its closing <|end|>, as SFT's loss does; the
 prompt and the padding count nothing.
+
+Pairs a program verifies, with no human labels (`minillm dpo-pairs`):
+
+    report = generate_pairs(model, template, requests, samples=4)   sample, run in the sandbox, grade
+    save_pairs("pairs.jsonl", report.pairs); print(report.table())  best-graded vs worst, ties refused
+
+An answer's grade is a total order, GRADES: passes its doctests > defines the requested function >
+parses > ended with <|end|> > nothing. Training runs through the fine-tuning loop of chapter 08
+(`sft.run_steps`: the schedule, checkpoints, exact resume, LoRA), with the reference's log-probs
+computed once, before the first step (`minillm dpo`):
+
+    result = preference_tune(load_dpo_config("configs/dpo-tiny.toml"))  accuracy, margins, KL drift
 """
 
 from __future__ import annotations
