@@ -20,6 +20,7 @@ from minillm.sandbox import score_function
 from minillm.lora import LoRAError, apply_lora, merge_lora
 from minillm.sft import ChatTemplate, SFTConfig, SFTError
 from minillm.chat import ChatSession
+from minillm.dpo import DPOConfig, DPOError, PreferencePair, dpo_loss, generate_pairs, preference_tune
 
 __version__ = "0.1.0"
 
@@ -41,4 +42,6 @@ __all__ = [
     # chapter 08: supervised fine-tuning
     "Conversation", "Message", "score_function", "LoRAError", "apply_lora", "merge_lora", "ChatTemplate", "SFTConfig",
     "SFTError", "ChatSession",
+    # chapter 09: preference optimization
+    "DPOConfig", "DPOError", "PreferencePair", "dpo_loss", "generate_pairs", "preference_tune",
 ]
