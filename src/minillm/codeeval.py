@@ -22,6 +22,7 @@ of their class) and reported apart from functions too.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,7 +223,9 @@ def score_answers(requests: Sequence[Conversation], answers: Sequence[tuple[str,
             jobs.append((code, None, name, None))
         else:
             jobs.append((code, c.meta.get("docstring"), name, c.meta.get("module") or None))
-    scores = score_many(jobs, workers=workers, timeout=timeout)
+    with warnings.catch_warnings():  # parsing the answers: their SyntaxWarnings are the model's, not the user's
+        warnings.simplefilter("ignore", SyntaxWarning)
+        scores = score_many(jobs, workers=workers, timeout=timeout)
     attempts = []
     for (c, (text, finished)), s in zip(kept, scores):
         user = next(m.content for m in reversed(c.messages) if m.role == "user")

@@ -31,6 +31,7 @@ file and its line number.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import inspect
 import json
@@ -516,9 +517,11 @@ def stdlib_pairs(corpus: Corpus | None = None) -> list[Conversation]:
       that no answer can sit in two splits.
 
     Decorators are kept in the code and listed in the request. The pairs come in corpus order
-    (modules sorted by path, functions in source order): two builds are equal.
+    (modules sorted by path, functions in source order): two builds are equal. The default build
+    is made once per process (parsing the standard library takes seconds) and copied to each caller.
     """
-    corpus = corpus if corpus is not None else stdlib_corpus()
+    if corpus is None:
+        return list(_default_pairs())
     pairs: list[Conversation] = []
     seen: set[str] = set()
     for doc in corpus.documents:
@@ -538,6 +541,12 @@ def stdlib_pairs(corpus: Corpus | None = None) -> list[Conversation]:
                 seen.add(pair.answer)
                 pairs.append(pair)
     return pairs
+
+
+
+@functools.cache
+def _default_pairs() -> tuple[Conversation, ...]:
+    return tuple(stdlib_pairs(stdlib_corpus()))  # Conversations are frozen: sharing them is safe
 
 
 # --------------------------------------------------------------------------------------------
