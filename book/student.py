@@ -4,7 +4,9 @@ A solutions notebook (chapters/solutions/NN_solutions.ipynb) marks each solution
 lines `### BEGIN SOLUTION` and `### END SOLUTION` (nbgrader's convention). The exercise
 notebook keeps the title, the setup, each exercise's statement and its checks, and
 replaces every marked block with a `raise NotImplementedError(...)`; the discussion
-after a solution is dropped, since it gives the answer away; no cell keeps an output.
+after a solution is dropped, since it gives the answer away, and so is a section of
+answers (`## Answers ...`, to the chapter's "Check your understanding"); no cell keeps
+an output.
 
 Usage: python book/student.py [--out build/student]
 
@@ -27,6 +29,8 @@ DEFAULT_OUT = ROOT / "build" / "student"
 # allowed, so that a marker like `### BEGIN SOLUTION (part a)` never reaches a student.
 MARKER = re.compile(r"^(?P<indent>[ \t]*)#+[ \t]*(?P<kind>BEGIN|END)[ \t]+SOLUTION\b")
 EXERCISE_HEADING = re.compile(r"^##[ \t]+Exercise[ \t]+(\d+)\b")
+# A section of answers (to a chapter's "Check your understanding"): for the teacher only.
+ANSWERS_HEADING = re.compile(r"^##[ \t]+Answers\b")
 _HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+\S")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)")
 _TITLE = re.compile(r"^(#[ \t]+)Solutions to chapter\b", re.IGNORECASE)
@@ -210,14 +214,20 @@ def exercise_notebook(nb: dict) -> dict:
     cells = []
     # Once an exercise has shown its solution, its markdown discusses the answer.
     answered = False
+    answers = False  # inside a section of answers to the chapter's questions
     for index, (cell, exercise) in enumerate(
         zip(student.get("cells", []), labels, strict=True)
     ):
         kind = cell.get("cell_type")
-        boundary = _boundary(cell) is not None
-        if boundary:
+        heading = _boundary(cell)
+        if heading is not None:
+            answers = bool(ANSWERS_HEADING.match(heading[1]))
+            if answered:  # a discussion may end in the cell that opens the next section
+                _drop_before_heading(cell, heading[1])
             answered = False
-        if kind == "markdown" and answered and exercise is not None and not boundary:
+        if answers:
+            continue
+        if kind == "markdown" and answered and exercise is not None and heading is None:
             continue
         if kind in ("code", "markdown"):
             try:
@@ -243,6 +253,15 @@ def exercise_notebook(nb: dict) -> dict:
     student["cells"] = cells
     _retitle(student)
     return student
+
+
+def _drop_before_heading(cell: dict, heading: str) -> None:
+    """Keep a markdown cell from the line `heading` on (the text before it discusses
+    the previous exercise's answer)."""
+    lines = source(cell).splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.strip() == heading)
+    if any(line.strip() for line in lines[:start]):
+        _set_source(cell, "".join(lines[start:]))
 
 
 def _strip_cell(cell: dict, exercise: int | None) -> int:

@@ -117,7 +117,14 @@ def test_exercise_notebook_drops_only_the_discussion(path):
     labels = student.cell_exercises(nb)
     kept_ids = {c["id"] for c in ex["cells"]}
     solved: set[int] = set()
+    answers = False
     for cell, number in zip(nb["cells"], labels, strict=True):
+        heading = student._boundary(cell)
+        if heading is not None:
+            answers = bool(student.ANSWERS_HEADING.match(heading[1]))
+        if answers:  # the answers to "Check your understanding" are the teacher's
+            assert cell["id"] not in kept_ids, student.source(cell)[:80]
+            continue
         if number is None:
             assert cell["id"] in kept_ids, "title, setup and other sections stay"
             continue
@@ -133,6 +140,33 @@ def test_exercise_notebook_drops_only_the_discussion(path):
             assert cell["metadata"]["minillm"] == {"exercise": number}
         else:
             assert "minillm" not in cell["metadata"]
+        heading = student._boundary(cell)
+        if heading is not None and number is not None:  # no discussion before its heading
+            assert student.source(cell).lstrip().startswith(heading[1]), heading
+
+
+def test_a_discussion_in_the_cell_of_the_next_heading_and_the_answers_are_dropped():
+    def md(text: str, id_: str) -> dict:
+        return {"cell_type": "markdown", "id": id_, "metadata": {}, "source": text}
+
+    def code(text: str, id_: str) -> dict:
+        return {"cell_type": "code", "id": id_, "metadata": {}, "source": text,
+                "outputs": [], "execution_count": None}
+
+    nb = {"cells": [
+        md("# Solutions to chapter 1: x", "t"),
+        md("## Exercise 1: one\n\nDo it.", "e1"),
+        code("### BEGIN SOLUTION\nx = 1\n### END SOLUTION\nassert x == 1", "s1"),
+        md("The answer is one, because.\n\n## Exercise 2: two\n\nDo that.", "e2"),
+        code("### BEGIN SOLUTION\ny = 2\n### END SOLUTION\nassert y == 2", "s2"),
+        md("## Answers to \"Check your understanding\"\n\n1. Because.", "a"),
+        md("More answers.", "a2"),
+    ], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    ex = exercise_notebook(nb)
+    text = "\n".join(student.source(c) for c in ex["cells"])
+    assert [c["id"] for c in ex["cells"]] == ["t", "e1", "s1", "e2", "s2"]
+    assert "because" not in text and "Because" not in text and "More answers" not in text
+    assert student.source(ex["cells"][3]).startswith("## Exercise 2: two")
 
 
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
