@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from minillm.codeeval import answer_ids, answer_requests, code_of, score_answers
 from minillm.files import atomic_write, check_output
-from minillm.instructions import ROLES, Conversation, DataError, Message, Meta
+from minillm.instructions import ROLES, Conversation, DataError, Message, Meta, _unit
 from minillm.model import LLM
 from minillm.sandbox import Score
 from minillm.sft import (
@@ -876,7 +876,7 @@ def _split_pairs(pairs: Sequence[PreferencePair], val_fraction: float, seed: int
     train, val = [], []
     for i, p in enumerate(pairs):
         key = json.dumps([[m.role, m.content] for m in p.prompt], ensure_ascii=False)
-        u = int.from_bytes(hashlib.sha256(f"minillm-dpo:{seed}:{key}".encode()).digest()[:8], "big") / 2**64
+        u = _unit(hashlib.sha256(f"minillm-dpo:{seed}:{key}".encode()).digest()[:8])  # as split_of_module
         (val if u < val_fraction else train).append(i)
     return train, val
 
