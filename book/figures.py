@@ -65,12 +65,27 @@ def draw_chapter_map() -> plt.Figure:
     return fig
 
 
-FIGURE_FUNCTIONS = {"chapter_map.png": draw_chapter_map}
+def figure_functions() -> dict[str, object]:
+    """Every figure the book shows from figures/: file name -> drawing function."""
+    import importlib
+    import pkgutil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import diagrams
+
+    found: dict[str, object] = {"chapter_map.png": draw_chapter_map}
+    for info in sorted(pkgutil.iter_modules(diagrams.__path__), key=lambda m: m.name):
+        if info.name != "style":
+            found.update(importlib.import_module(f"diagrams.{info.name}").FIGURES)
+    return found
 
 
 def main() -> int:
     FIGURES.mkdir(exist_ok=True)
-    for name, draw in FIGURE_FUNCTIONS.items():
+    only = sys.argv[1:]  # `python book/figures.py 02_qkv_flow.png` redraws just that one
+    for name, draw in figure_functions().items():
+        if only and name not in only:
+            continue
         fig = draw()
         fig.savefig(FIGURES / name, dpi=200, metadata={"Software": None})
         plt.close(fig)

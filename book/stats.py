@@ -3,10 +3,11 @@
     .venv/bin/python book/stats.py            one row per chapter (and appendix), then the totals
 
 - **words**: the words of the markdown cells, without fenced code blocks and display math (what a
-  reader reads as prose; inline math and code spans count as the words they are).
+  reader reads as prose; images count by their captions; inline math and code spans count as the words they are).
 - **figures**: the captions, markdown cells that start with ``**Figure N.k.**``.
 - **diagrams**: the figures drawn without data axes (the drawing cell turns the axes off with
-  ``axis("off")`` or ``set_axis_off()``): pictures of a mechanism rather than plots of numbers.
+  ``axis("off")`` or ``set_axis_off()``), and the images from ``figures/``, which hold only
+  diagrams drawn by ``book/figures.py``: pictures of a mechanism rather than plots of numbers.
 - **exercises** and **questions**: the numbered items of the sections ``## Exercises`` and
   ``## Check your understanding``.
 - **code cells**, and how many of them carry ``# NBVAL_IGNORE_OUTPUT``.
@@ -21,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CAPTION = re.compile(r"^\*\*Figure \d+\.\d+\.\*\*")
+CAPTION = re.compile(r"^\*\*Figure \d+\.\d+\.\*\*", re.M)
+IMAGE = re.compile(r"!\[[^\]]*\]\([^)]+\)")
+FROM_FIGURES = re.compile(r"!\[[^\]]*\]\((\.\./)+figures/[^)]+\)")
 AXES_OFF = re.compile(r"""axis\(\s*["']off["']\s*\)|set_axis_off\(\)""")
 WORD = re.compile(r"[\w'’-]+")
 
@@ -40,6 +43,7 @@ class Counts:
 
 def _prose(markdown: str) -> str:
     markdown = re.sub(r"```.*?```", " ", markdown, flags=re.S)
+    markdown = re.sub(r"!\[[^\]]*\]\([^)]*\)", " ", markdown)  # images: the caption is what is read
     return re.sub(r"\$\$.*?\$\$", " ", markdown, flags=re.S)
 
 
@@ -55,10 +59,18 @@ def count(path: Path) -> Counts:
     markdown = "\n\n".join(s for c, s in zip(cells, sources) if c["cell_type"] == "markdown")
     figures = diagrams = 0
     for i, (c, s) in enumerate(zip(cells, sources)):
-        if c["cell_type"] == "markdown" and CAPTION.match(s.lstrip()):
+        if c["cell_type"] != "markdown":
+            continue
+        for caption in CAPTION.finditer(s):
             figures += 1
-            drawing = next((sources[j] for j in range(i - 1, -1, -1) if cells[j]["cell_type"] == "code"), "")
-            diagrams += bool(AXES_OFF.search(drawing))
+            before = s[: caption.start()]  # an image in the same cell, above its caption
+            if not before.strip() and i > 0 and cells[i - 1]["cell_type"] == "markdown":
+                before = sources[i - 1]  # or in the markdown cell just above
+            if FROM_FIGURES.search(before.split("**Figure ")[-1]):
+                diagrams += 1
+            elif not before.strip() or not IMAGE.search(before):
+                drawing = next((sources[j] for j in range(i - 1, -1, -1) if cells[j]["cell_type"] == "code"), "")
+                diagrams += bool(AXES_OFF.search(drawing))
     code = [s for c, s in zip(cells, sources) if c["cell_type"] == "code"]
     return Counts(path.stem, len(WORD.findall(_prose(markdown))), figures, diagrams,
                   _items(markdown, "## Exercises"), _items(markdown, "## Check your understanding"), len(code),

@@ -25,14 +25,22 @@ def test_counts_on_a_small_notebook(tmp_path: Path) -> None:
         cell("markdown", "**Figure 1.1.** A plot of two numbers."),
         cell("code", "# NBVAL_IGNORE_OUTPUT\nfig, ax = plt.subplots()\nax.axis('off')\nplt.show()"),
         cell("markdown", "**Figure 1.2.** A diagram."),
+        cell("markdown", "Look:\n\n![a picture](../figures/01_x.png)"),
+        cell("markdown", "**Figure 1.3.** A diagram from figures/."),
+        cell("markdown", "![a photo](photo.png)"),
+        cell("markdown", "**Figure 1.4.** Not from figures/, so not a diagram."),
+        cell("markdown", "Text.\n\n![m](../figures/m.png)\n\n**Figure 1.5.** In the same cell.\n\nMore."),
         cell("markdown", "## Check your understanding\n\n1. Why?\n2. How?\n\n## Exercises\n\n1. **A.** Do it.\n"
                          "   2. not an item: indented\n2. **B.** And this.\n3. **C.** And that."),
     ]
     path = tmp_path / "01_x.ipynb"
     path.write_text(json.dumps({"cells": cells}))
     c = stats.count(path)
-    assert (c.figures, c.diagrams, c.exercises, c.questions, c.code_cells, c.ignored) == (2, 1, 3, 2, 2, 1)
-    words = "Title One two three it's four Figure 1 1 A plot of two numbers Figure 1 2 A diagram Check your " \
+    assert (c.figures, c.diagrams, c.exercises, c.questions, c.code_cells, c.ignored) == (5, 3, 3, 2, 2, 1)
+    words = "Title One two three it's four Figure 1 1 A plot of two numbers Figure 1 2 A diagram Look " \
+            "Figure 1 3 A diagram from figures Figure 1 4 Not from figures so not a diagram Text " \
+            "Figure 1 5 In the same cell More " \
+            "Check your " \
             "understanding 1 Why 2 How Exercises 1 A Do it 2 not an item indented 2 B And this 3 C And that"
     assert c.words == len(words.split())
 
