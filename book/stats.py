@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CAPTION = re.compile(r"^\*\*Figure \d+\.\d+\.\*\*", re.M)
+CAPTION = re.compile(r"^\*\*Figure \d+\.\d+\.\*\*", re.MULTILINE)
 IMAGE = re.compile(r"!\[[^\]]*\]\([^)]+\)")
 FROM_FIGURES = re.compile(r"!\[[^\]]*\]\((\.\./)+figures/[^)]+\)")
 AXES_OFF = re.compile(r"""axis\(\s*["']off["']\s*\)|set_axis_off\(\)""")
@@ -42,15 +42,15 @@ class Counts:
 
 
 def _prose(markdown: str) -> str:
-    markdown = re.sub(r"```.*?```", " ", markdown, flags=re.S)
+    markdown = re.sub(r"```.*?```", " ", markdown, flags=re.DOTALL)
     markdown = re.sub(r"!\[[^\]]*\]\([^)]*\)", " ", markdown)  # images: the caption is what is read
-    return re.sub(r"\$\$.*?\$\$", " ", markdown, flags=re.S)
+    return re.sub(r"\$\$.*?\$\$", " ", markdown, flags=re.DOTALL)
 
 
 def _items(markdown: str, heading: str) -> int:
     """The numbered items ("1. ", "2. ", ...) at the start of lines in the section `heading`."""
-    match = re.search(rf"^{re.escape(heading)}\s*$(.*?)(?=^## |\Z)", markdown, flags=re.M | re.S)
-    return len(re.findall(r"^\d+\.\s", match.group(1), flags=re.M)) if match else 0
+    match = re.search(rf"^{re.escape(heading)}\s*$(.*?)(?=^## |\Z)", markdown, flags=re.MULTILINE | re.DOTALL)
+    return len(re.findall(r"^\d+\.\s", match.group(1), flags=re.MULTILINE)) if match else 0
 
 
 def count(path: Path) -> Counts:

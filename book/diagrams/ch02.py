@@ -26,7 +26,7 @@ def draw_qkv_flow() -> plt.Figure:
     arrow(ax, (3.3, rows["query"] + 0.25), (s[0] - 0.13, s[1] + 0.04), role="query")
     arrow(ax, (3.3, rows["key"] + 0.25), (s[0] - 0.13, s[1] - 0.04), role="key")
     note(ax, 3.75, 1.68, "Q Kᵀ", ha="center")
-    steps = tensor(ax, 4.2, 1.73, 1.15, 0.5, "÷ $\\sqrt{d_k}$, mask,\nsoftmax", None, "accent", fontsize=7.5)
+    tensor(ax, 4.2, 1.73, 1.15, 0.5, "÷ $\\sqrt{d_k}$, mask,\nsoftmax", None, "accent", fontsize=7.5)
     arrow(ax, (s[0] + 0.13, s[1]), (4.2, s[1]))
     a = tensor(ax, 5.75, 1.73, 0.55, 0.5, "A", "(T, T)", "accent")
     arrow(ax, (5.35, s[1]), (5.75, s[1]))
