@@ -55,12 +55,30 @@ MIN_DPI = 200
 TEXT_INCHES = 6.4  # the text width of an A4 page with the template's margins
 MAX_FIGURE_INCHES = 7.5  # wider figures would be shrunk below 85%: their text would be too small
 
-_NB_NAME = re.compile(r"^(\d\d)_.*\.ipynb$")
+_NB_NAME = re.compile(r"^(\d\d|[A-Z])_.*\.ipynb$")  # chapters 00_..., appendices A_...
 _HARNESS_LINE = re.compile(r"^\s*#\s*NBVAL_\w+.*\n?", re.MULTILINE)  # steers the tests, not the reader
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_CAPTION = re.compile(r"^\*\*Figure (\d+)\.(\d+)[.:]\*\*\s*", re.MULTILINE)
+_CAPTION = re.compile(r"^\*\*Figure (\d+|[A-Z])\.(\d+)[.:]\*\*\s*", re.MULTILINE)
 _MD_IMAGE = re.compile(r"^!\[([^\]]*)\]\(([^)\s]+)\)\s*$")
-_FIGURE_REF = re.compile(r"(?<![\w\[*])Figure (\d+)\.(\d+)\b")
+_FIGURE_REF = re.compile(r"(?<![\w\[*])Figure (\d+|[A-Z])\.(\d+)\b")
+
+Number = int | str  # a chapter's number (0, 1, ...) or an appendix's letter ("A", ...)
+
+
+def chapter_key(label: str) -> Number:
+    """The number of a chapter from its file name or a figure label: "04" -> 4, "A" -> "A"."""
+    return int(label) if label.isdigit() else label
+
+
+def chapter_tag(number: Number) -> str:
+    """How a chapter is named in file names: 4 -> "04", "A" -> "A"."""
+    return f"{number:02d}" if isinstance(number, int) else number
+
+
+def _start(number: Number) -> str:
+    """The typst call that opens a chapter (heading "Chapter 4") or an appendix ("Appendix A")."""
+    return f"#chapter-start({number})" if isinstance(number, int) else f"#appendix-start({ord(number) - ord('A')})"
+
 _TYPST_RENAMES = {"dot.circle": "dot.o"}  # pandoc's writer still emits names typst renamed
 
 
@@ -246,7 +264,7 @@ def _png_inches(data: bytes, metadata: dict) -> tuple[float, float]:
 class Chapter:
     """What one notebook contributes to a document."""
 
-    number: int
+    number: Number
     path: Path
     markdown: str
     figures: list[str]  # labels, in order
@@ -259,7 +277,7 @@ class Renderer:
         self.out_dir, self.media, self.bib = out_dir, media, bib
         (out_dir / media).mkdir(parents=True, exist_ok=True)
 
-    def figure(self, number: int, k: int, caption: str, src: str, width_in: float, where: str) -> str:
+    def figure(self, number: Number, k: int, caption: str, src: str, width_in: float, where: str) -> str:
         if not caption.strip():
             raise BuildError(f"{where}: figure {number}.{k} has no caption")
         if width_in > MAX_FIGURE_INCHES:
@@ -269,10 +287,10 @@ class Renderer:
         caption = " ".join(caption.split())
         return f"![{caption}]({src}){{#fig-{number}-{k} width={width}}}"
 
-    def notebook(self, number: int, path: Path) -> Chapter:
+    def notebook(self, number: Number, path: Path) -> Chapter:
         nb = json.loads(path.read_text(encoding="utf-8"))
         cells = nb["cells"]
-        blocks: list[str] = [f"```{{=typst}}\n#chapter-start({number})\n```"]
+        blocks: list[str] = [f"```{{=typst}}\n{_start(number)}\n```"]
         figures: list[str] = []
         pending: tuple[str, float, str] | None = None  # an image waiting for its caption
 
@@ -282,7 +300,7 @@ class Renderer:
             if not m:
                 return None, md
             expected = (number, len(figures) + 1)
-            if (int(m.group(1)), int(m.group(2))) != expected:
+            if (chapter_key(m.group(1)), int(m.group(2))) != expected:
                 raise BuildError(f"{where}: the caption says Figure {m.group(1)}.{m.group(2)}, but this is figure {expected[0]}.{expected[1]}")
             end = md.find("\n\n", m.end())
             end = len(md) if end < 0 else end
@@ -334,7 +352,7 @@ class Renderer:
                     width_in, dpi = _png_inches(png, out.get("metadata", {}).get("image/png", {}))
                     if dpi < MIN_DPI - 1:
                         raise BuildError(f"{where}: the figure is {dpi:.0f} dpi; print needs {MIN_DPI} (call minillm.figures.book_style() first)")
-                    name = f"{self.media}/fig-{number:02d}-{len(figures) + 1}.png"
+                    name = f"{self.media}/fig-{chapter_tag(number)}-{len(figures) + 1}.png"
                     (self.out_dir / name).write_bytes(png)
                     pending = (name, width_in, where)
                 elif "text/plain" in data:
@@ -347,7 +365,7 @@ class Renderer:
             raise BuildError(f"{pending[2]}: the figure needs a caption in the markdown cell right after it")
         return Chapter(number, path, "\n\n".join(blocks), figures)
 
-    def markdown(self, src: str, number: int, path: Path, figures: list[str], where: str, take_caption) -> list[str]:
+    def markdown(self, src: str, number: Number, path: Path, figures: list[str], where: str, take_caption) -> list[str]:
         """A markdown cell: images become figures with the caption paragraph below them."""
         out: list[str] = []
         paragraphs = re.split(r"\n\s*\n", src)
@@ -389,7 +407,7 @@ class Renderer:
                 label = f"fig-{m.group(1)}-{m.group(2)}"
                 if label in labels:
                     return f"[{m.group(0)}](#{label})"
-                if int(m.group(1)) in numbers:
+                if chapter_key(m.group(1)) in numbers:
                     raise BuildError(f"the text refers to {m.group(0)}, which does not exist")
                 return m.group(0)
 
@@ -434,7 +452,7 @@ def lint_typst(text: str) -> list[str]:
 
 
 def build_document(
-    chapters: list[tuple[int, Path]],
+    chapters: list[tuple[Number, Path]],
     out_dir: Path,
     stem: str,
     subtitle: str,
@@ -560,23 +578,24 @@ def font_paths() -> list[str]:
     return [str(Path(manimgx_fonts.__file__).parent), str(Path(manimgx_fonts_cjk.__file__).parent)]
 
 
-def chapter_notebooks(folder: Path, chapter: str | None = None) -> list[tuple[int, Path]]:
-    """(number, path) of the notebooks NN_*.ipynb in `folder`, sorted, optionally just one."""
+def chapter_notebooks(folder: Path, chapter: str | None = None) -> list[tuple[Number, Path]]:
+    """(number, path) of the notebooks NN_*.ipynb, then the appendices A_*.ipynb, in `folder`,
+    sorted, optionally just one (`chapter` "04", "4" or "A")."""
     found = []
     for p in sorted(folder.glob("*.ipynb")):
         m = _NB_NAME.match(p.name)
-        if m and (chapter is None or int(m.group(1)) == int(chapter)):
-            found.append((int(m.group(1)), p))
+        if m and (chapter is None or chapter_key(m.group(1)) == chapter_key(chapter.upper())):
+            found.append((chapter_key(m.group(1)), p))
     return found
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--chapter", help="build only this chapter number (e.g. 04)")
+    ap.add_argument("--chapter", help="build only this chapter number (e.g. 04) or appendix (A)")
     ap.add_argument("--out", default=str(ROOT / "build"), help="output folder (default build/)")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    suffix = f"-{int(args.chapter):02d}" if args.chapter else ""
+    suffix = f"-{chapter_tag(chapter_key(args.chapter.upper()))}" if args.chapter else ""
     chapters = chapter_notebooks(CHAPTERS, args.chapter)
     if not chapters:
         raise BuildError(f"no chapter notebook matches {args.chapter!r} in chapters/")

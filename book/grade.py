@@ -48,7 +48,7 @@ DEFAULT_OUT = ROOT / "build" / "grades"
 
 # "02_exercises.ipynb", "02_solutions.ipynb", and the copies browsers make of them
 # ("02_exercises (1).ipynb").
-SUBMISSION_NAME = re.compile(r"^(\d\d)_(exercises|solutions)\b.*\.ipynb$")
+SUBMISSION_NAME = re.compile(r"^(\d\d|[A-Z])_(exercises|solutions)\b.*\.ipynb$")  # chapters, appendices
 TIMEOUT_ENAME = (
     "minillm.grade.Timeout"  # the error nbclient reports for a timed-out cell
 )
@@ -72,7 +72,7 @@ class Result:
 class Graded:
     student: str
     notebook: str  # the file's name
-    chapter: int
+    chapter: str  # "02", or "A" for an appendix
     results: list[Result] = field(default_factory=list)
     problem: str = ""  # why the notebook could not be graded at all
 
@@ -313,11 +313,11 @@ def read_notebook(path: Path):
     return nb
 
 
-def load_reference(folder: Path | None, chapter: int) -> dict | None:
+def load_reference(folder: Path | None, chapter: str) -> dict | None:
     """The solutions notebook of `chapter` under `folder`, or None if there is none."""
     if folder is None:
         return None
-    path = folder / f"{chapter:02d}_solutions.ipynb"
+    path = folder / f"{chapter}_solutions.ipynb"
     if not path.is_file():
         return None
     try:
@@ -343,7 +343,7 @@ def grade_notebook(
     """Run and grade one submitted notebook; writes the run to `executed`."""
     import nbformat
 
-    chapter = int(SUBMISSION_NAME.match(path.name).group(1))  # type: ignore[union-attr]
+    chapter = SUBMISSION_NAME.match(path.name).group(1)  # type: ignore[union-attr]
     graded = Graded(student_dir.name, path.name, chapter)
     try:
         nb = read_notebook(path)
@@ -374,8 +374,8 @@ def grade_notebook(
 # --- reports ------------------------------------------------------------------------
 
 
-def exercise_id(chapter: int, number: int) -> str:
-    return f"{chapter:02d}.{number}"
+def exercise_id(chapter: str, number: int) -> str:
+    return f"{chapter}.{number}"
 
 
 def grades_csv(graded: list[Graded]) -> str:
@@ -533,14 +533,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from minillm.files import atomic_dir
 
-    references: dict[int, dict | None] = {}
+    references: dict[str, dict | None] = {}
     graded: list[Graded] = []
     with atomic_dir(out, overwrite=True, inputs=inputs) as tmp:
         (tmp / "feedback").mkdir()
         for name, notebooks in students.items():
             mine = []
             for path in notebooks:
-                chapter = int(path.name[:2])
+                chapter = SUBMISSION_NAME.match(path.name).group(1)  # type: ignore[union-attr]
                 if chapter not in references:
                     references[chapter] = load_reference(reference_dir, chapter)
                 start = time.perf_counter()

@@ -35,7 +35,7 @@ _HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+\S")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)")
 _TITLE = re.compile(r"^(#[ \t]+)Solutions to chapter\b", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-_NB_NAME = re.compile(r"^(\d\d)_.*\.ipynb$")
+_NB_NAME = re.compile(r"^(\d\d|[A-Z])_.*\.ipynb$")  # chapters 00_..., appendices A_...
 # Lines that steer nbval, not the reader (book/build.py drops them from the PDF too).
 _HARNESS_LINE = re.compile(r"^[ \t]*#[ \t]*NBVAL_\w+.*\n?", re.MULTILINE)
 _MD_IMAGE = re.compile(r"(!\[[^\]]*\]\()([^)\s]+)(\))")
@@ -463,7 +463,7 @@ def write_student(out_dir: Path, chapters_dir: Path | None = None) -> list[Path]
         except MarkerError as e:
             raise SystemExit(f"error: {path}: {e}") from None
         _bundle_images(student, path.parent, 1, figures)
-        files[f"exercises/{path.name[:2]}_exercises.ipynb"] = _dumps(student)
+        files[f"exercises/{path.name.split('_')[0]}_exercises.ipynb"] = _dumps(student)
     for name, found in figures.items():
         files[f"figures/{name}"] = found.read_bytes()
     files["README.md"] = _readme(

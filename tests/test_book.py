@@ -20,8 +20,8 @@ pypdf = pytest.importorskip("pypdf")  # in the dev extra, so this always runs un
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = ROOT / "chapters"
-NOTEBOOKS = sorted(CHAPTERS.glob("[0-9][0-9]_*.ipynb"))
-SOLUTIONS = sorted((CHAPTERS / "solutions").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted(CHAPTERS.glob("[0-9][0-9]_*.ipynb")) + sorted(CHAPTERS.glob("[A-Z]_*.ipynb"))
+SOLUTIONS = sorted((CHAPTERS / "solutions").glob("[0-9][0-9]_*.ipynb")) + sorted((CHAPTERS / "solutions").glob("[A-Z]_*.ipynb"))
 sys.path.insert(0, str(ROOT / "book"))
 import build  # noqa: E402
 
@@ -70,7 +70,9 @@ def test_book_pdf_structure(built):
                      for line in "".join(c["source"]).splitlines() if line.startswith("# "))
         first_headings.append(first[2:].strip())
     assert [t.split(" ", 2)[-1] for t in chapter_titles] == first_headings
-    assert all(t.startswith(f"Chapter {i} ") for i, t in enumerate(chapter_titles))
+    chapters = [p for p in NOTEBOOKS if p.name[:2].isdigit()]
+    names = [f"Chapter {i} " for i in range(len(chapters))] + [f"Appendix {p.name[0]} " for p in NOTEBOOKS[len(chapters):]]
+    assert [t[: len(n)] for t, n in zip(chapter_titles, names)] == names
     assert 8 * len(NOTEBOOKS) <= len(reader.pages) <= 80 * len(NOTEBOOKS)
     text = _text(reader)
     assert "Contents" in reader.pages[1].extract_text() and "List of figures" in text
@@ -93,7 +95,7 @@ def test_every_figure_is_embedded_numbered_and_captioned(built):
     expected = sum(_figure_outputs(p) for p in NOTEBOOKS)
     assert sum(len(page.images) for page in reader.pages) >= expected
     typ = (built / "book.typ").read_text(encoding="utf-8")
-    figures = re.findall(r"#figure\(image\(\"[^\"]+\".*?caption: \[\s*(.*?)\s*\]\s*\)\s*<(fig-\d+-\d+)>", typ, re.DOTALL)
+    figures = re.findall(r"#figure\(image\(\"[^\"]+\".*?caption: \[\s*(.*?)\s*\]\s*\)\s*<(fig-(?:\d+|[A-Z])-\d+)>", typ, re.DOTALL)
     assert len(figures) == expected
     assert all(caption.strip() for caption, _ in figures)
     text = re.sub(r"\s+", " ", _text(reader))
@@ -126,7 +128,7 @@ def test_solutions_and_exercises_pdfs(built):
     assert "BEGIN SOLUTION" not in exercises and "END SOLUTION" not in exercises
     for stem in ("solutions", "exercises"):
         reader = pypdf.PdfReader(built / f"{stem}.pdf")
-        assert len([i for i in reader.outline if not isinstance(i, list) and i.title.startswith("Chapter")]) == len(SOLUTIONS)
+        assert len([i for i in reader.outline if not isinstance(i, list) and i.title.startswith(("Chapter", "Appendix"))]) == len(SOLUTIONS)
 
 
 @pytest.mark.slow
@@ -276,6 +278,25 @@ def test_figures_need_numbered_captions_and_hidden_code_is_dropped(tmp_path):
     chapter = renderer.notebook(7, dangling)
     with pytest.raises(SystemExit, match="Figure 7.4, which does not exist"):
         renderer.link_prose([chapter])
+
+
+@pytest.mark.slow
+def test_an_appendix_is_lettered(tmp_path):
+    """A_*.ipynb follows the chapters as "Appendix A", its figures "Figure A.1", its sections A.1."""
+    image = {"output_type": "display_data", "data": {"image/png": _png(600, 200)}, "metadata": {}}
+    chapter = _tiny_notebook(tmp_path, [_md("# Two\n\nSee Figure A.1.\n\n## A section\n\nText.")], "02_two.ipynb")
+    appendix = _tiny_notebook(tmp_path, [
+        _md("# Tools\n\n## Tensors\n\nFigure A.1 and Figure 5.9 (not in this document)."),
+        _code("plot()", [image]), _md("**Figure A.1.** A picture."),
+    ], "A_tools.ipynb")
+    assert [n for n, _ in build.chapter_notebooks(tmp_path)] == [2, "A"]
+    assert build.chapter_notebooks(tmp_path, "a") == [("A", appendix)]
+    pdf = build.build_document([(2, chapter), ("A", appendix)], tmp_path / "out", "t", "x")
+    text = _text(pypdf.PdfReader(pdf))
+    assert "Appendix A" in text and "A.1 Tensors" in text and "2.1 A section" in text
+    assert text.count("Figure A.1") >= 3  # the list of figures, the caption and two references
+    typ = (tmp_path / "out" / "t.typ").read_text(encoding="utf-8")
+    assert "#appendix-start(0)" in typ and "<fig-A-1>" in typ and "#link(<fig-A-1>)" in typ
 
 
 def test_lint_catches_what_printed_badly():

@@ -46,6 +46,6 @@ def test_counts_on_a_small_notebook(tmp_path: Path) -> None:
 
 
 def test_every_chapter_is_counted() -> None:
-    names = {p.stem for p in (ROOT / "chapters").glob("[0-9]*.ipynb")}
-    counted = {stats.count(p).name for p in (ROOT / "chapters").glob("[0-9]*.ipynb")}
+    names = {p.stem for p in (ROOT / "chapters").glob("[0-9A-Z]*.ipynb")}
+    counted = {stats.count(p).name for p in (ROOT / "chapters").glob("[0-9A-Z]*.ipynb")}
     assert names == counted and all(stats.count(ROOT / "chapters" / f"{n}.ipynb").words > 1000 for n in names)

@@ -15,7 +15,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = ROOT / "chapters"
-NOTEBOOKS = sorted(CHAPTERS.glob("[0-9][0-9]_*.ipynb")) + sorted((CHAPTERS / "solutions").glob("[0-9][0-9]_*.ipynb"))
+# Chapters 00_..., then appendices A_..., B_..., each with its solutions notebook.
+CHAPTER_GLOBS = ("[0-9][0-9]_*.ipynb", "[A-Z]_*.ipynb")
+
+
+def _notebooks(folder: Path) -> list[Path]:
+    return [p for pattern in CHAPTER_GLOBS for p in sorted(folder.glob(pattern))]
+
+
+NOTEBOOKS = _notebooks(CHAPTERS) + _notebooks(CHAPTERS / "solutions")
 MAX_BYTES = 2 * 1024 * 1024
 
 # Absolute paths of this checkout and of the usual home and temporary folders, and the user name.
@@ -46,6 +54,10 @@ def test_chapter_numbering_has_no_gaps():
     assert numbers == list(range(len(numbers))), f"chapter numbers {numbers} should be 0..{len(numbers) - 1}"
     solutions = [int(p.name[:2]) for p in sorted((CHAPTERS / "solutions").glob("[0-9][0-9]_*.ipynb"))]
     assert solutions == numbers, "every chapter needs chapters/solutions/NN_solutions.ipynb and no other"
+    letters = [p.name.split("_")[0] for p in sorted(CHAPTERS.glob("[A-Z]_*.ipynb"))]
+    assert letters == [chr(ord("A") + i) for i in range(len(letters))], f"appendices {letters} should be A, B, ..."
+    answers = [p.name.split("_")[0] for p in sorted((CHAPTERS / "solutions").glob("[A-Z]_*.ipynb"))]
+    assert answers == letters, "every appendix needs chapters/solutions/X_solutions.ipynb and no other"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.relative_to(CHAPTERS).as_posix())
@@ -80,13 +92,15 @@ def test_notebook_size(path):
 def test_chapter_has_exercises_and_into_the_package(path):
     nb = json.loads(path.read_text(encoding="utf-8"))
     headings = [line for c in nb["cells"] if c["cell_type"] == "markdown" for line in "".join(c["source"]).splitlines() if line.startswith("## ")]
-    assert "## Into the package" in headings and "## Summary" in headings and "## Exercises" in headings
-    assert headings.index("## Into the package") < headings.index("## Exercises")
+    assert "## Summary" in headings and "## Exercises" in headings
+    if path.name[:2].isdigit():  # a chapter finishes a module; an appendix (A_...) teaches a tool
+        assert "## Into the package" in headings
+        assert headings.index("## Into the package") < headings.index("## Exercises")
     exercises = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown" and "## Exercises" in "".join(c["source"]))
     assert len(re.findall(r"^\d+\. ", exercises, re.MULTILINE)) >= 3, f"{path.name}: at least three exercises"
 
 
-@pytest.mark.parametrize("path", sorted((CHAPTERS / "solutions").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", _notebooks(CHAPTERS / "solutions"), ids=lambda p: p.name)
 def test_solutions_are_marked_and_checked(path):
     nb = json.loads(path.read_text(encoding="utf-8"))
     sources = ["".join(c["source"]) for c in _code_cells(nb)]

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = ROOT / "chapters"
-SOLUTIONS = sorted((CHAPTERS / "solutions").glob("[0-9][0-9]_*.ipynb"))
+SOLUTIONS = sorted((CHAPTERS / "solutions").glob("[0-9][0-9]_*.ipynb")) + sorted((CHAPTERS / "solutions").glob("[A-Z]_*.ipynb"))
 sys.path.insert(0, str(ROOT / "book"))
 
 import grade  # noqa: E402
@@ -211,9 +211,9 @@ def test_write_student(tmp_path):
     out = tmp_path / "student"
     written = student.write_student(out)
     names = {p.relative_to(out).as_posix() for p in written}
-    chapters = sorted(CHAPTERS.glob("[0-9][0-9]_*.ipynb"))
+    chapters = sorted(CHAPTERS.glob("[0-9][0-9]_*.ipynb")) + sorted(CHAPTERS.glob("[A-Z]_*.ipynb"))
     assert {p.name for p in chapters} <= names
-    assert {f"exercises/{p.name[:2]}_exercises.ipynb" for p in SOLUTIONS} <= names
+    assert {f"exercises/{p.name.split('_')[0]}_exercises.ipynb" for p in SOLUTIONS} <= names
     assert "README.md" in names and all(p.is_file() for p in written)
     assert not list(out.rglob("*solutions*")), "no solutions in the student folder"
     for path in chapters:
@@ -391,6 +391,16 @@ RIGHT = {
 def _write(path: Path, nb: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(nb, indent=1), encoding="utf-8")
+
+
+def test_appendix_exercises_are_named_and_graded_by_letter():
+    """A_solutions.ipynb gives A_exercises.ipynb, graded as exercises A.1, A.2, ..."""
+    for name in ("A_exercises.ipynb", "A_exercises (1).ipynb", "B_solutions.ipynb", "02_exercises.ipynb"):
+        assert grade.SUBMISSION_NAME.match(name), name
+    for name in ("AB_exercises.ipynb", "a_exercises.ipynb", "2_exercises.ipynb"):
+        assert not grade.SUBMISSION_NAME.match(name), name
+    assert grade.SUBMISSION_NAME.match("A_exercises.ipynb").group(1) == "A"
+    assert (grade.exercise_id("A", 2), grade.exercise_id("02", 3)) == ("A.2", "02.3")
 
 
 @pytest.mark.slow
