@@ -8,7 +8,20 @@ import math
 import matplotlib.pyplot as plt
 from matplotlib.patches import Polygon, Rectangle
 
-from .style import COLORS, GREY, INK, arrow, box, canvas, color, grid, light, note, op, tensor
+from .style import (
+    COLORS,
+    GREY,
+    INK,
+    arrow,
+    box,
+    canvas,
+    color,
+    grid,
+    light,
+    note,
+    op,
+    tensor,
+)
 
 # The chapter's worked example (section "A worked example by hand"): four tokens, C = d_k = 2.
 TOKENS = ["def", "f", "(", "x"]
@@ -130,7 +143,7 @@ def draw_causal_mask() -> plt.Figure:
     xs = [0.5, 2.75, 5.0]
     titles = ["scaled scores $QK^\\top / \\sqrt{d_k}$", "masked: the future set to $-\\infty$",
               "weights: softmax of each row"]
-    kw = dict(cell=cell, fmt="{:.3f}", fontsize=7.5, col_labels=TOKENS)
+    kw = {"cell": cell, "fmt": "{:.3f}", "fontsize": 7.5, "col_labels": TOKENS}
     # 1: every score, the future outlined; 2: the future replaced by -inf; 3: the weights.
     grid(ax, xs[0], top, ex["scaled"], "query", row_labels=TOKENS, **kw)
     for i in range(t):
