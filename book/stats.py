@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CAPTION = re.compile(r"^\*\*Figure \d+\.\d+\.\*\*", re.MULTILINE)
+CAPTION = re.compile(r"^\*\*Figure (?:\d+|[A-Z])\.\d+\.\*\*", re.MULTILINE)
 IMAGE = re.compile(r"!\[[^\]]*\]\([^)]+\)")
 FROM_FIGURES = re.compile(r"!\[[^\]]*\]\((\.\./)+figures/[^)]+\)")
 AXES_OFF = re.compile(r"""axis\(\s*["']off["']\s*\)|set_axis_off\(\)""")

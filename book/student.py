@@ -33,7 +33,7 @@ EXERCISE_HEADING = re.compile(r"^##[ \t]+Exercise[ \t]+(\d+)\b")
 ANSWERS_HEADING = re.compile(r"^##[ \t]+Answers\b")
 _HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+\S")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)")
-_TITLE = re.compile(r"^(#[ \t]+)Solutions to chapter\b", re.IGNORECASE)
+_TITLE = re.compile(r"^(#[ \t]+)Solutions to (chapter|appendix)\b", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _NB_NAME = re.compile(r"^(\d\d|[A-Z])_.*\.ipynb$")  # chapters 00_..., appendices A_...
 # Lines that steer nbval, not the reader (book/build.py drops them from the PDF too).
@@ -295,7 +295,7 @@ def _check_unique_exercises(nb: dict) -> None:
 
 
 def _retitle(nb: dict) -> None:
-    """ "Solutions to chapter N: ..." -> "Exercises for chapter N: ...", and the intro's
+    """ "Solutions to chapter N: ..." -> "Exercises for chapter N: ..." (or appendix A), and the intro's
     sentences about the markers -> how to fill in the exercises."""
     for cell in nb.get("cells", []):
         if cell.get("cell_type") != "markdown":
@@ -305,7 +305,7 @@ def _retitle(nb: dict) -> None:
         if not _TITLE.match(title):
             return  # only the notebook's first markdown cell can be its title
         title = _TITLE.sub(
-            lambda m: m.group(1) + "Exercises for chapter", title, count=1
+            lambda m: m.group(1) + "Exercises for " + m.group(2), title, count=1
         )
         paragraphs = [p for p in re.split(r"\n[ \t]*\n", rest.strip("\n")) if p.strip()]
         replaced = False

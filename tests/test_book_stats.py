@@ -45,6 +45,13 @@ def test_counts_on_a_small_notebook(tmp_path: Path) -> None:
     assert c.words == len(words.split())
 
 
+def test_an_appendix_figure_is_counted(tmp_path: Path) -> None:
+    cells = [cell("markdown", "# A\n\n![x](../figures/A_x.png)\n\n**Figure A.1.** A diagram.")]
+    path = tmp_path / "A_tools.ipynb"
+    path.write_text(json.dumps({"cells": cells}))
+    assert (stats.count(path).figures, stats.count(path).diagrams) == (1, 1)
+
+
 def test_every_chapter_is_counted() -> None:
     names = {p.stem for p in (ROOT / "chapters").glob("[0-9A-Z]*.ipynb")}
     counted = {stats.count(p).name for p in (ROOT / "chapters").glob("[0-9A-Z]*.ipynb")}

@@ -289,6 +289,14 @@ def test_repeated_exercise_numbers_are_refused():
         exercise_notebook(nb)
 
 
+def test_appendix_solutions_are_retitled_as_exercises():
+    nb = _nb(_md("# Solutions to appendix A: tools\n\nSolved between `### BEGIN SOLUTION` and "
+                 "`### END SOLUTION`. We first load things."), _code("x = 1"))
+    title = student.source(exercise_notebook(nb)["cells"][0])
+    assert title.startswith("# Exercises for appendix A: tools") and "We first load things." in title
+    assert "BEGIN SOLUTION" not in title
+
+
 def test_exercise_notebook_structure():
     nb = _nb(
         _md(
