@@ -424,11 +424,17 @@ class Renderer:
 
 # -- typst ----------------------------------------------------------------------------------------
 
+# A thousands separator in math, `$1{,}024$`, reaches typst as `1 \, 024`, which typst sets as a
+# punctuation comma followed by a space ("1, 024"); a quoted comma is set as in text ("1,024").
+_MATH_THOUSANDS = re.compile(r"(\d) \\, (?=\d{3}(?!\d))")
+
+
 def fix_typst(text: str) -> str:
-    """Rename the symbols that pandoc's typst writer still emits under their old names."""
+    """Rename the symbols that pandoc's typst writer still emits under their old names, and set
+    thousands separators in math without the space typst puts after a comma."""
     for old, new in _TYPST_RENAMES.items():
         text = text.replace(old, new)
-    return text
+    return _MATH_THOUSANDS.sub(r'\1","', text)
 
 
 # Constructs that print badly; each was seen in an earlier build (filter.lua repairs them).

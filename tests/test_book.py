@@ -299,6 +299,14 @@ def test_an_appendix_is_lettered(tmp_path):
     assert "#appendix-start(0)" in typ and "<fig-A-1>" in typ and "#link(<fig-A-1>)" in typ
 
 
+def test_thousands_separators_in_math_have_no_space():
+    import pypandoc
+
+    typ = build.fix_typst(pypandoc.convert_text("$d = 1{,}024$ and $10{,}000{,}000 x$ and $a \\, b$", "typst",
+                                                format="markdown"))
+    assert '1","024' in typ and '10","000","000' in typ and "a thin b" in typ, typ  # a thin space elsewhere stays
+
+
 def test_lint_catches_what_printed_badly():
     bad = [
         '$ "Attention" \\( Q \\) = "softmax" #h(-1em) (frac(a, b)) $',
