@@ -31,23 +31,24 @@ CHAPTERS = [
     ("09", "Preference optimization (DPO)", "dpo.py", "Training"),
 ]
 PART_COLORS = {"Text": "#dbe9f6", "The model": "#e3f1dc", "Training": "#fbe5d0"}
+APPENDIX = ("A", "Appendix: PyTorch for this book", "read it whenever a chapter needs it")
 
 
 def draw_chapter_map() -> plt.Figure:
     """The chapters top to bottom, each with the module it finishes, grouped into three parts."""
-    fig, ax = plt.subplots(figsize=(7.2, 7.9))
+    fig, ax = plt.subplots(figsize=(7.2, 8.6))
     ax.set_xlim(0, 10.4)
-    ax.set_ylim(-0.6, len(CHAPTERS) * 1.0 + 0.2)
+    ax.set_ylim(-1.6, len(CHAPTERS) * 1.0 + 0.2)
     ax.axis("off")
     y_of = {}
     for i, (num, title, module, part) in enumerate(CHAPTERS):
         y = len(CHAPTERS) - 1 - i
         y_of[num] = y
-        ax.add_patch(FancyBboxPatch((1.4, y + 0.12), 5.0, 0.66, boxstyle="round,pad=0.02,rounding_size=0.12",
+        ax.add_patch(FancyBboxPatch((1.4, y + 0.12), 5.25, 0.66, boxstyle="round,pad=0.02,rounding_size=0.12",
                                     fc=PART_COLORS[part], ec="#555555", lw=1))
         ax.text(1.6, y + 0.45, num, fontsize=12, weight="bold", va="center", color="#333333")
         ax.text(2.15, y + 0.45, title, fontsize=10.5, va="center")
-        ax.text(6.8, y + 0.45, module, fontsize=9.5, va="center", family="monospace", color="#1a4f8b")
+        ax.text(6.95, y + 0.45, module, fontsize=9.5, va="center", family="monospace", color="#1a4f8b")
     for a, b in zip(CHAPTERS, CHAPTERS[1:]):
         if (a[0], b[0]) == ("07", "08"):
             continue
@@ -60,7 +61,14 @@ def draw_chapter_map() -> plt.Figure:
         ys = [y_of[c[0]] for c in CHAPTERS if c[3] == part]
         ax.plot([0.55, 0.55], [min(ys) + 0.15, max(ys) + 0.75], color="#777777", lw=2)
         ax.text(0.35, (min(ys) + max(ys)) / 2 + 0.45, part, rotation=90, ha="center", va="center", fontsize=11)
-    ax.text(6.8, len(CHAPTERS) - 0.05, "finishes in src/minillm/", fontsize=9, color="#555555")
+    ax.text(6.95, len(CHAPTERS) - 0.05, "finishes in src/minillm/", fontsize=9, color="#555555")
+    # The appendix stands beside the road: a dashed box under the chapters.
+    letter, title, note = APPENDIX
+    ax.add_patch(FancyBboxPatch((1.4, -1.33), 5.25, 0.66, boxstyle="round,pad=0.02,rounding_size=0.12",
+                                fc="#f2f2f2", ec="#555555", lw=1, ls=(0, (4, 2))))
+    ax.text(1.6, -1.0, letter, fontsize=12, weight="bold", va="center", color="#333333")
+    ax.text(2.15, -1.0, title, fontsize=10.5, va="center")
+    ax.text(6.95, -1.0, note, fontsize=9, va="center", color="#555555", style="italic")
     fig.tight_layout()
     return fig
 
