@@ -39,10 +39,10 @@ def _ghost(ax: plt.Axes, x: float, y: float, values, *, cell: float = 0.32, role
 
 def draw_strides() -> plt.Figure:
     """One storage, three tensors that read it with different strides, and a copy that does not."""
-    fig, ax = canvas(7.2, 3.45)
+    fig, ax = canvas(7.2, 3.25)
     cell = 0.34
     # The storage: six numbers in a row, with their offsets above.
-    sx, sy = 2.58, 3.05
+    sx, sy = 2.58, 2.85
     note(ax, sx - 0.12, sy - cell / 2 + 0.07, "storage", ha="right", fontsize=7.5, role=INK)
     note(ax, sx - 0.12, sy - cell / 2 - 0.1, "one block of memory", ha="right", fontsize=6.8)
     grid(ax, sx, sy, [list(range(6))], "token", cell=cell, fmt="{:d}", fontsize=7.5,
@@ -58,7 +58,7 @@ def draw_strides() -> plt.Figure:
         ("x.t().contiguous()", [[0, 3], [1, 4], [2, 5]], "(3, 2)", "stride (2, 1)", None),
     ]
     centers = [0.95, 2.75, 4.5, 6.25]
-    top = 1.95
+    top = 1.75
     for k, ((code, values, shape, stride, hl), cx) in enumerate(zip(panels, centers)):
         cols = len(values[0])
         gx = cx - cols * cell / 2
@@ -71,14 +71,14 @@ def draw_strides() -> plt.Figure:
              role="accent" if k == 2 else None)
     # The three views share the storage; the copy has a storage of its own.
     for cx in centers[:3]:
-        arrow(ax, (cx, 2.42), (cx, top + 0.3), dashed=True)
-    ax.plot([centers[0], centers[2]], [2.42, 2.42], color=GREY, lw=0.8, ls=(0, (3, 2)))
-    ax.plot([sx + 3 * cell, sx + 3 * cell], [sy - cell, 2.42], color=GREY, lw=0.8, ls=(0, (3, 2)))
-    note(ax, 1.85, 2.56, "views: same storage, no copy", ha="center", fontsize=7)
-    grid(ax, 5.55, 2.66, [[0, 3, 1, 4, 2, 5]], "key", cell=0.23, fmt="{:d}", fontsize=6.5)
-    note(ax, 5.55 + 3 * 0.23, 2.78, "a new storage, in row order", ha="center", fontsize=6.8)
-    arrow(ax, (centers[3], 2.66 - 0.23), (centers[3], top + 0.3), role="key")
-    note(ax, 4.5, 0.36, "row 0 of x.t() is storage[0], storage[3]: a step of 3 along a row", ha="center",
+        arrow(ax, (cx, 2.22), (cx, top + 0.3), dashed=True)
+    ax.plot([centers[0], centers[2]], [2.22, 2.22], color=GREY, lw=0.8, ls=(0, (3, 2)))
+    ax.plot([sx + 3 * cell, sx + 3 * cell], [sy - cell, 2.22], color=GREY, lw=0.8, ls=(0, (3, 2)))
+    note(ax, 1.85, 2.36, "views: same storage, no copy", ha="center", fontsize=7)
+    grid(ax, 5.55, 2.46, [[0, 3, 1, 4, 2, 5]], "key", cell=0.23, fmt="{:d}", fontsize=6.5)
+    note(ax, 5.55 + 3 * 0.23, 2.58, "a new storage, in row order", ha="center", fontsize=6.8)
+    arrow(ax, (centers[3], 2.46 - 0.23), (centers[3], top + 0.3), role="key")
+    note(ax, 4.5, 0.16, "row 0 of x.t() is storage[0], storage[3]: a step of 3 along a row", ha="center",
          fontsize=7, role="accent")
     return fig
 
@@ -93,25 +93,25 @@ def draw_broadcast() -> plt.Figure:
     mid = top - 1.5 * cell
     below = top - 3 * cell - 0.1
     # The operands as stored.
-    grid(ax, 0.25, top, col, "query", cell=cell, fmt="{:d}")
+    grid(ax, 0.25, top, col, "token", cell=cell, fmt="{:d}")
     note(ax, 0.25 + cell / 2, below, "a\n(3, 1)", ha="center", va="top", mono=True)
     op(ax, 0.8, mid, "+")
-    grid(ax, 1.0, top - cell, row, "key", cell=cell, fmt="{:d}")
+    grid(ax, 1.0, top - cell, row, "residual", cell=cell, fmt="{:d}")
     note(ax, 1.0 + 2 * cell, below, "b\n(1, 4)", ha="center", va="top", mono=True)
     arrow(ax, (2.22, mid), (2.6, mid), "stretch", offset=(-0.2, 0.12))
     # The stretched copies: column 0 and row 0 are real, the rest only pretended.
     x1 = 2.7
-    grid(ax, x1, top, col, "query", cell=cell, fmt="{:d}")
-    _ghost(ax, x1 + cell, top, [[v[0]] * 3 for v in col], cell=cell, role="query")
+    grid(ax, x1, top, col, "token", cell=cell, fmt="{:d}")
+    _ghost(ax, x1 + cell, top, [[v[0]] * 3 for v in col], cell=cell, role="token")
     op(ax, x1 + 4 * cell + 0.2, mid, "+")
     x2 = x1 + 4 * cell + 0.4
-    grid(ax, x2, top, row, "key", cell=cell, fmt="{:d}")
-    _ghost(ax, x2, top - cell, [row[0], row[0]], cell=cell, role="key")
+    grid(ax, x2, top, row, "residual", cell=cell, fmt="{:d}")
+    _ghost(ax, x2, top - cell, [row[0], row[0]], cell=cell, role="residual")
     note(ax, x1 + 2 * cell, below, "(3, 4)", ha="center", va="top", mono=True)
     note(ax, x2 + 2 * cell, below, "(3, 4)", ha="center", va="top", mono=True)
     op(ax, x2 + 4 * cell + 0.2, mid, "=")
     x3 = x2 + 4 * cell + 0.4
-    grid(ax, x3, top, [[c + r for r in row[0]] for [c] in col], "value", cell=cell, fmt="{:d}")
+    grid(ax, x3, top, [[c + r for r in row[0]] for [c] in col], None, cell=cell, fmt="{:d}")
     note(ax, x3 + 2 * cell, below, "a + b\n(3, 4)", ha="center", va="top", mono=True)
     note(ax, (x1 + x3 + 4 * cell) / 2, top + 0.17, "dashed cells are never stored: a size-1 "
          "dimension is read again and again (stride 0)", ha="center", fontsize=7)
@@ -122,7 +122,7 @@ def draw_broadcast() -> plt.Figure:
     note(ax, 0.25, y0 + 0.24, "shapes align on the right:", fontsize=7.5, role=INK)
     for i, (name, sym, num) in enumerate(rows):
         y = y0 - i * 0.2 - (0.04 if i == 2 else 0)
-        note(ax, 0.25, y, f"{name}  {sym}  {num}", fontsize=7.5, mono=True, role=INK if i < 2 else "value")
+        note(ax, 0.25, y, f"{name}  {sym}  {num}", fontsize=7.5, mono=True, role=INK, weight="normal" if i < 2 else "bold")
     ax.plot([0.25, 2.75], [y0 - 0.3, y0 - 0.3], color=GREY, lw=0.6)
     note(ax, 0.25, y0 - 0.66, "a missing dimension counts as size 1", fontsize=7)
     rows = [("x", "(T, C)", "(3, 4)"), ("p", "  (T,)", "  (3,)")]
@@ -229,10 +229,10 @@ def draw_graph() -> plt.Figure:
 
 
 def draw_train_step() -> plt.Figure:
-    """One step of the loop: forward to a loss, backward to .grad, the optimizer's update, zeroing."""
-    fig, ax = canvas(7.2, 3.55)
+    """One step of the loop in the order of its lines: forward to a loss, zero_grad, backward, step."""
+    fig, ax = canvas(7.2, 3.3)
     h = 0.5
-    yf, yb = 2.5, 0.98
+    yf, yb = 2.24, 0.72
     ids = tensor(ax, 0.1, yf - h / 2, 0.95, h, "batch[:, :-1]", "(B, T)", "token", fontsize=7.5)
     model = box(ax, 1.45, yf - h / 2, 0.95, h, "model(...)", None, mono=True, fontsize=7.5)
     arrow(ax, (ids[0] + 0.475, yf), (1.45, yf))
@@ -240,18 +240,22 @@ def draw_train_step() -> plt.Figure:
     arrow(ax, (2.4, yf), (2.8, yf))
     tensor(ax, 4.05, yf - h / 2, 0.95, h, "reshape", "(B·T, V)", "query", fontsize=8)
     arrow(ax, (logits[0] + 0.425, yf), (4.05, yf))
-    box(ax, 5.4, yf - h / 2, 0.95, h, "F.cross_entropy", None, mono=True, fontsize=6.8)
+    ce = box(ax, 5.4, yf - h / 2, 0.95, h, "F.cross_entropy", None, mono=True, fontsize=6.8)
     arrow(ax, (5.0, yf), (5.4, yf))
-    tg = tensor(ax, 5.4, yf + 0.5, 0.95, 0.36, "batch[:, 1:]", None, "token", fontsize=7)
-    note(ax, 5.35, yf + 0.68, "targets, (B·T,)", ha="right", fontsize=6.8, mono=True)
-    arrow(ax, (tg[0], yf + 0.5), (tg[0], yf + h / 2))
-    loss = tensor(ax, 6.55, yf - 0.2, 0.55, 0.4, "loss", "()", "accent", fontsize=8)
+    tg = box(ax, 4.55, yf + 0.5, 1.8, 0.36, "batch[:, 1:].reshape(-1)", "token", mono=True, fontsize=6.8)
+    note(ax, 4.47, tg[1], "targets (B·T,)", ha="right", fontsize=6.8, mono=True)
+    arrow(ax, (ce[0], yf + 0.5), (ce[0], yf + h / 2))
+    loss = tensor(ax, 6.55, yf - 0.2, 0.55, 0.4, "loss", "(): a scalar", "accent", fontsize=8)
     arrow(ax, (6.35, yf), (6.55, yf))
-    note(ax, 0.1, 3.4, "1  forward", fontsize=8, role=INK, weight="bold")
-    # Backward and the update, right to left.
+    note(ax, 0.1, 3.12, "1  forward", fontsize=8, role=INK, weight="bold")
+    # zero_grad, then backward and the update, right to left.
+    zero = box(ax, 4.2, 1.27, 1.15, 0.32, "opt.zero_grad()", "mask", mono=True, fontsize=6.8)
+    note(ax, 4.1, zero[1] + 0.09, "2  zero_grad", ha="right", fontsize=8, role=INK, weight="bold")
+    note(ax, 4.1, zero[1] - 0.1, "empty every .grad", ha="right", fontsize=6.8)
     box(ax, 5.9, yb - h / 2, 1.2, h, "loss.backward()", "accent", mono=True, fontsize=7)
-    arrow(ax, (loss[0], yf - 0.2 - 0.22), (loss[0], yb + h / 2), role="accent")
+    arrow(ax, (loss[0], yf - 0.2 - 0.3), (loss[0], yb + h / 2), role="accent")
     grads = box(ax, 4.2, yb - h / 2, 1.15, h, "p.grad for\nevery p", "accent", fontsize=7.5)
+    ax.plot([grads[0], grads[0]], [1.27, yb + h / 2 + 0.02], color=GREY, lw=0.9, ls=(0, (3, 2)))
     arrow(ax, (5.9, yb), (5.35, yb), role="accent")
     box(ax, 2.35, yb - h / 2, 1.3, h, "opt.step()", "value", mono=True, fontsize=7.5)
     arrow(ax, (4.2, yb), (3.65, yb), role="value")
@@ -259,13 +263,9 @@ def draw_train_step() -> plt.Figure:
     note(ax, params[0], yb - h / 2 - 0.13, "p ← p − update(grad, m, v)", ha="center", fontsize=6.8, mono=True)
     arrow(ax, (2.35, yb), (1.75, yb), role="value")
     arrow(ax, (params[0] + 0.3, yb + h / 2), (model[0] - 0.15, yf - h / 2), role="residual", rad=-0.1)
-    note(ax, 1.6, 1.75, "next step's\nforward uses\nthe new p", fontsize=6.8, va="center")
-    note(ax, 5.9, 1.4, "2  backward", fontsize=8, role=INK, weight="bold")
-    note(ax, 2.35, 1.4, "3  update", fontsize=8, role=INK, weight="bold")
-    zero = box(ax, 4.2, 0.06, 1.15, 0.32, "opt.zero_grad()", "mask", mono=True, fontsize=6.8)
-    ax.plot([grads[0], grads[0]], [0.38, yb - h / 2 - 0.02], color=GREY, lw=0.9, ls=(0, (3, 2)))
-    note(ax, 4.1, zero[1], "4  empty every .grad before the next backward", ha="right", fontsize=7.5,
-         role=INK)
+    note(ax, 1.6, 1.45, "next step's\nforward uses\nthe new p", fontsize=6.8, va="center")
+    note(ax, 5.9, 1.12, "3  backward", fontsize=8, role=INK, weight="bold")
+    note(ax, 2.35, 1.12, "4  update", fontsize=8, role=INK, weight="bold")
     return fig
 
 
