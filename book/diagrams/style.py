@@ -21,7 +21,7 @@ from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch, Rectangl
 
 from minillm.figures import COLORS
 
-__all__ = ["COLORS", "GREY", "INK", "arrow", "box", "canvas", "grid", "light", "note", "op", "tensor", "title"]
+__all__ = ["COLORS", "GREY", "INK", "MONO", "arrow", "box", "canvas", "grid", "light", "note", "op", "tensor", "title"]
 
 INK = "#333333"  # text and outlines
 GREY = "#777777"  # shapes, notes, secondary arrows
