@@ -1,4 +1,4 @@
-"""Chapter 04's diagrams: which channels RoPE pairs, why only the distance counts, where it acts."""
+"""Chapter 04's diagrams: which dimensions RoPE pairs, why only the distance counts, where it acts."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ PAIR_COLORS = ["#2c115f", "#842681", "#c83e73", "#f4955f"]
 
 
 def _cell(ax: plt.Axes, x: float, y: float, w: float, h: float, text: str, pair: int) -> None:
-    """One channel of a head vector, filled with its pair's light color."""
+    """One dimension of a head vector, filled with its pair's light color."""
     ax.add_patch(Rectangle((x, y), w, h, fc=light(PAIR_COLORS[pair], 0.7), ec=PAIR_COLORS[pair], lw=1.1))
     ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=9, color=INK)
 
 
 def draw_pair_layouts() -> plt.Figure:
-    """A head of D = 8 channels paired two ways: interleaved (2i, 2i+1) and split halves (i, i+4)."""
+    """A head of D = 8 dimensions paired two ways: interleaved (2i, 2i+1) and split halves (i, i+4)."""
     fig, ax = canvas(7.2, 2.75)
     w, h, x0 = 0.46, 0.42, 1.72
     omegas = ["1", "0.1", "0.01", "0.001"]
@@ -42,7 +42,7 @@ def draw_pair_layouts() -> plt.Figure:
     for p in range(4):
         a, b = x0 + (2 * p + 0.5) * w, x0 + (2 * p + 1.5) * w
         ax.plot([a, a, b, b], [y_top + 0.03, y_top + 0.13, y_top + 0.13, y_top + 0.03], color=PAIR_COLORS[p], lw=1.2)
-    note(ax, x0 + 4 * w, y_top + 0.3, "one head of D = 8 channels;  $\\omega_i = \\theta^{-2i/D}$ with θ = 10,000",
+    note(ax, x0 + 4 * w, y_top + 0.3, "one head of D = 8 dimensions;  $\\omega_i = \\theta^{-2i/D}$ with θ = 10,000",
          ha="center", fontsize=7.5)
     # Split halves: the first half holds the first coordinate of every pair, the second half the other.
     y_sp = rows[1][0] + h
@@ -116,12 +116,13 @@ def draw_where_rope() -> plt.Figure:
                                  color=COLORS["residual"], lw=2.4, shrinkA=0, shrinkB=0))
     note(ax, 4.0, ys + 0.17, "residual stream  (B, T, C): no position vector is ever added", ha="center",
          fontsize=7.5, role="residual")
-    # Where GPT-2 adds its position vectors, and RoPE adds nothing.
-    box(ax, 1.55, ys + 0.38, 1.0, 0.28, "+ $p_t$ (GPT-2)", "mask", dashed=True, fontsize=7)
-    arrow(ax, (2.05, ys + 0.38), (2.05, ys + 0.05), dashed=True)
-    note(ax, 2.65, ys + 0.52, "✗  not in a RoPE model", fontsize=7, role="accent")
-    # The branch into the layer.
-    bx = 1.3
+    # Where GPT-2 adds its position vectors (between the embedding and the layer), and RoPE adds nothing.
+    px = 1.27
+    box(ax, px - 0.5, ys + 0.38, 1.0, 0.28, "+ $p_t$ (GPT-2)", "mask", dashed=True, fontsize=7)
+    arrow(ax, (px, ys + 0.38), (px, ys + 0.05), dashed=True)
+    note(ax, px + 0.6, ys + 0.52, "✗  not in a RoPE model", fontsize=7, role="accent")
+    # The branch into the layer, after the point where GPT-2 would add p_t.
+    bx = 1.5
     ax.plot([bx, bx], [ys, 0.62], color=GREY, lw=1.0)
     ax.add_patch(Circle((bx, ys), 0.035, color=GREY))
     note(ax, bx - 0.07, 2.0, "x", ha="right", fontsize=8.5, role=INK)
@@ -130,17 +131,17 @@ def draw_where_rope() -> plt.Figure:
     h = 0.4
     for role, y in rows.items():
         w_name, t_name = names[role]
-        arrow(ax, (bx, y + h / 2), (1.55, y + h / 2))
-        box(ax, 1.55, y, 0.6, h, f"${w_name}$", role, fontsize=9.5)
-        arrow(ax, (2.15, y + h / 2), (2.45, y + h / 2))
-        tensor(ax, 2.45, y, 0.62, h, t_name, "(B, H, T, D)", role)
-    note(ax, 2.2, 3.08, "x W, then split into heads", ha="center", fontsize=7)
+        arrow(ax, (bx, y + h / 2), (1.7, y + h / 2))
+        box(ax, 1.7, y, 0.55, h, f"${w_name}$", role, fontsize=9.5)
+        arrow(ax, (2.25, y + h / 2), (2.5, y + h / 2))
+        tensor(ax, 2.5, y, 0.6, h, t_name, "(B, H, T, D)", role)
+    note(ax, 2.3, 3.08, "x W, then split into heads", ha="center", fontsize=7)
     # The rotation of queries and keys by their positions, from one pair of tables.
     rx = 3.62
     rq = op(ax, rx, rows["query"] + h / 2, "R", r=0.16, role="accent")
     rk = op(ax, rx, rows["key"] + h / 2, "R", r=0.16, role="accent")
-    arrow(ax, (3.07, rq[1]), (rx - 0.16, rq[1]), role="query")
-    arrow(ax, (3.07, rk[1]), (rx - 0.16, rk[1]), role="key")
+    arrow(ax, (3.1, rq[1]), (rx - 0.16, rq[1]), role="query")
+    arrow(ax, (3.1, rk[1]), (rx - 0.16, rk[1]), role="key")
     box(ax, 3.1, 2.03, 1.14, 0.36, "cos, sin of $t\\,\\omega_i$\nt = start … start+T−1", "accent", fontsize=6.5)
     arrow(ax, (rx, 2.39), (rx, rq[1] - 0.16), role="accent")
     arrow(ax, (rx, 2.03), (rx, rk[1] + 0.16), role="accent")
@@ -156,7 +157,7 @@ def draw_where_rope() -> plt.Figure:
     # The weights average the values, which were never rotated.
     o = op(ax, 6.01, 0.62, "@")
     arrow(ax, (sm[0], 1.97), (o[0], o[1] + 0.13))
-    arrow(ax, (3.07, rows["value"] + h / 2), (o[0] - 0.13, o[1]), role="value")
+    arrow(ax, (3.1, rows["value"] + h / 2), (o[0] - 0.13, o[1]), role="value")
     note(ax, 4.45, 0.78, "values are not rotated", ha="center", fontsize=7.5, role="value")
     wo = box(ax, 6.4, 0.42, 0.55, h, "$W_O$", None, fontsize=9)
     arrow(ax, (o[0] + 0.13, o[1]), (6.4, wo[1]))
