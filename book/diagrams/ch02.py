@@ -1,5 +1,6 @@
-"""Chapter 02's diagrams: the data flow of one attention head, attention as a soft dictionary
-lookup, the causal mask on the worked example's scores, and the tiles of a fused kernel."""
+"""Chapter 02's diagrams: the geometry of a dot product, the data flow of one attention head,
+attention as a soft dictionary lookup, the causal mask on the worked example's scores, and the
+tiles of a fused kernel."""
 
 from __future__ import annotations
 
@@ -47,12 +48,61 @@ def worked_example() -> dict[str, list[list[float]]]:
     return {"Q": q, "K": k, "V": v, "scaled": scaled, "weights": weights, "out": _matmul(weights, v)}
 
 
+def draw_dot_geometry() -> plt.Figure:
+    """The query (2, 1) and the worked example's four keys: direction and length both count."""
+    fig, ax = canvas(7.2, 2.2)
+    ox, oy, u = 0.45, 0.4, 0.9  # the origin and one unit, in inches
+    q = (2, 1)
+    keys = [(0, 1), (1, 0), (1, 1), (2, 0)]
+
+    def at(v: tuple[float, float]) -> tuple[float, float]:
+        return ox + u * v[0], oy + u * v[1]
+
+    ax.plot([ox - 0.15, ox + 2.35 * u], [oy, oy], color=GREY, lw=0.5)
+    ax.plot([ox, ox], [oy - 0.15, oy + 1.35 * u], color=GREY, lw=0.5)
+    for k in sorted(keys, key=lambda k: -math.hypot(*k)):  # the long (2, 0) under the short (1, 0)
+        arrow(ax, at((0, 0)), at(k), role="key", lw=1.6 if k == (2, 0) else 1.0)
+    arrow(ax, at((0, 0)), at(q), role="query", lw=1.6)
+    note(ax, at(q)[0] + 0.08, at(q)[1], "$q = (2, 1)$", role="query", fontsize=8)
+    spots = {(0, 1): (-0.08, 0.0, "right"), (1, 1): (0.0, 0.12, "center"), (1, 0): (0.0, -0.14, "center"),
+             (2, 0): (0.0, -0.14, "center")}
+    for k, (dx, dy, ha) in spots.items():
+        x, y = at(k)
+        note(ax, x + dx, y + dy, f"({k[0]}, {k[1]})", ha=ha, role="key", fontsize=7.5)
+    # The table: angle, length and score of each key, best score first.
+    cols = [3.35, 4.1, 4.9, 5.55]
+    heads = ["key $k$", "angle to $q$", "length $\\Vert k \\Vert$", "$q \\cdot k$"]
+    top = 1.85
+    for x, h in zip(cols, heads):
+        note(ax, x, top, h, ha="center", fontsize=7.5, role=INK)
+    ax.plot([cols[0] - 0.4, cols[3] + 0.35], [top - 0.14, top - 0.14], color=GREY, lw=0.5)
+    qn = math.hypot(*q)
+    rows = sorted(keys, key=lambda k: -(q[0] * k[0] + q[1] * k[1]))
+    for i, k in enumerate(rows):
+        y = top - 0.36 - i * 0.3
+        dot = q[0] * k[0] + q[1] * k[1]
+        length = math.hypot(*k)
+        angle = math.degrees(math.acos(dot / (qn * length)))
+        role = "accent" if i == 0 else INK
+        note(ax, cols[0], y, f"({k[0]}, {k[1]})", ha="center", fontsize=7.5, role="key")
+        note(ax, cols[1], y, f"{angle:.0f}°", ha="center", fontsize=7.5, role=INK)
+        note(ax, cols[2], y, f"{length:.3f}", ha="center", fontsize=7.5, role=INK)
+        note(ax, cols[3], y, f"{dot}", ha="center", fontsize=7.5, role=role)
+        if k == (2, 0):
+            note(ax, cols[3] + 0.3, y, "largest: the longest key", fontsize=7, role="accent")
+        if k == (1, 1):
+            note(ax, cols[3] + 0.3, y, "closest direction", fontsize=7)
+    note(ax, cols[0] - 0.4, 0.22, "$q \\cdot k = \\Vert q \\Vert\\,\\Vert k \\Vert \\cos\\theta$: "
+         "(1, 0) and (2, 0) point the same way;\ntwice the length, twice the score", fontsize=7)
+    return fig
+
+
 def draw_qkv_flow() -> plt.Figure:
     """x goes through three projections; Q and K make the scores, the weights average V."""
     fig, ax = canvas(7.2, 3.0)
     x_c = tensor(ax, 0.15, 1.2, 0.75, 0.5, "x", "(T, C)", "token")
     rows = {"query": 2.25, "key": 1.2, "value": 0.15}
-    names = {"query": ("W_Q", "Q", "(T, d_k)"), "key": ("W_K", "K", "(T, d_k)"), "value": ("W_V", "V", "(T, d_v)")}
+    names = {"query": ("W_Q", "Q", "(T, $d_k$)"), "key": ("W_K", "K", "(T, $d_k$)"), "value": ("W_V", "V", "(T, $d_v$)")}
     ends = {}
     for role, y in rows.items():
         w, name, shape = names[role]
@@ -76,7 +126,7 @@ def draw_qkv_flow() -> plt.Figure:
     o = op(ax, 6.03, 0.85, "@")
     arrow(ax, (a[0], 1.73 - 0.3), (o[0], o[1] + 0.13))
     arrow(ax, (3.3, ends["value"][1]), (o[0] - 0.13, o[1] - 0.05), role="value", rad=0.15)
-    y = tensor(ax, 6.45, 0.6, 0.6, 0.5, "y", "(T, d_v)", "token")
+    y = tensor(ax, 6.45, 0.6, 0.6, 0.5, "y", "(T, $d_v$)", "token")
     arrow(ax, (o[0] + 0.13, o[1]), (6.45, y[1]))
     note(ax, 4.75, 1.02, "y = A V: each output row is an\naverage of the rows of V", ha="center")
     return fig
@@ -90,8 +140,8 @@ def _row_box(ax: plt.Axes, x: float, y: float, w: float, h: float, text: str, ro
 def draw_soft_lookup() -> plt.Figure:
     """A dict returns the value of the one equal key; attention averages all values by match."""
     ex = worked_example()
-    fig, ax = canvas(7.2, 3.45)
-    h, gap = 0.27, 0.36
+    fig, ax = canvas(7.2, 3.1)
+    h, gap = 0.27, 0.32
     cols = {"query": 0.15, "keys": 1.3, "score": 2.4, "weight": 3.3, "values": 4.75, "out": 5.95}
     widths = {"query": 0.85, "keys": 0.8, "score": 0.6, "weight": 0.75, "values": 0.8, "out": 1.1}
 
@@ -118,7 +168,7 @@ def draw_soft_lookup() -> plt.Figure:
 
     head = {"query": "query", "keys": "keys", "score": "match", "weight": "weight", "values": "values",
             "out": "result"}
-    panel(3.08, "(a) a Python dict: d[\"b\"] finds the one equal key", '"b"', ['"a"', '"b"', '"c"'],
+    panel(2.72, "(a) a Python dict: d[\"b\"] finds the one equal key", '"b"', ['"a"', '"b"', '"c"'],
           ["≠", "=", "≠"], [0.0, 1.0, 0.0], ["10", "20", "30"], "20", ["0", "1", "0"], head)
     w = ex["weights"][2][:3]
     k = [f"({a:g}, {b:g})" for a, b in ex["K"][:3]]
@@ -126,7 +176,7 @@ def draw_soft_lookup() -> plt.Figure:
     qx, qy = ex["Q"][2]
     sc = [f"{s * math.sqrt(2):.0f} → {s:.3f}" for s in ex["scaled"][2][:3]]
     ox, oy = ex["out"][2]
-    panel(1.38, "(b) attention: every key matches a little; the result averages the values",
+    panel(1.2, "(b) attention: every key matches a little; the result averages the values",
           f"({qx:g}, {qy:g})", k, sc, w, v, f"({ox:.3f}, {oy:.3f})", [f"{x:.3f}" for x in w],
           {**head, "score": "q·k → ÷ √2", "weight": "softmax", "out": "Σ weight × value"})
     return fig
@@ -190,9 +240,9 @@ def draw_flash_tiles() -> plt.Figure:
                                      fc=light("mask", 0.55), ec="none"))
                 ax.add_patch(Rectangle((x, y), tile, tile, fill=False, ec=GREY, lw=0.6))
     for i in range(n):
-        note(ax, x0 - 0.08, top - (i + 0.5) * tile, f"$Q_{i + 1}$", ha="right", role="query", fontsize=8)
-        note(ax, x0 + (i + 0.5) * tile, top + 0.1, f"$K_{i + 1}, V_{i + 1}$", ha="center", role="key", fontsize=7)
-    # The third block of queries meets the key blocks 1, 2, 3 one after the other.
+        note(ax, x0 - 0.08, top - (i + 0.5) * tile, f"$Q_{i}$", ha="right", role="query", fontsize=8)
+        note(ax, x0 + (i + 0.5) * tile, top + 0.1, f"$K_{i}, V_{i}$", ha="center", role="key", fontsize=7)
+    # Block 2 of the queries meets the key blocks 0, 1, 2 one after the other (steps 1, 2, 3).
     r = 2
     for j in range(r + 1):
         x, y = x0 + j * tile, top - (r + 1) * tile
@@ -205,16 +255,16 @@ def draw_flash_tiles() -> plt.Figure:
     bx, bw = 3.45, 3.6
     box(ax, bx, 1.55, bw, 1.05, "", None, fill=light("accent", 0.9))
     note(ax, bx + 0.1, 2.45, "fast on-chip memory (small): one tile at a time", fontsize=7.5, role=INK)
-    tensor(ax, bx + 0.15, 1.85, 0.75, 0.38, "$Q_3$", None, "query", fontsize=8)
+    tensor(ax, bx + 0.15, 1.85, 0.75, 0.38, "$Q_2$", None, "query", fontsize=8)
     tensor(ax, bx + 1.05, 1.85, 0.95, 0.38, "$K_j, V_j$", None, "key", fontsize=8)
-    box(ax, bx + 2.15, 1.85, 1.3, 0.38, "m, ℓ, O\nper query row", None, fontsize=7)
-    note(ax, bx + 0.1, 1.68, "scores of one tile → update m, ℓ, O → discard the tile", fontsize=6.5)
+    box(ax, bx + 2.15, 1.85, 1.3, 0.38, "$m$, $\\ell$, $O$:\none row per query", None, fontsize=7)
+    note(ax, bx + 0.1, 1.68, "scores of one tile → update $m$, $\\ell$, $O$ → discard the tile", fontsize=6.5)
     box(ax, bx, 0.15, bw, 1.0, "", None, fill="#ffffff")
     note(ax, bx + 0.1, 1.0, "GPU main memory (large, slow to reach)", fontsize=7.5, role=INK)
-    tensor(ax, bx + 0.15, 0.45, 0.55, 0.38, "Q", "(T, d)", "query", fontsize=8)
-    tensor(ax, bx + 0.8, 0.45, 0.55, 0.38, "K", "(T, d)", "key", fontsize=8)
-    tensor(ax, bx + 1.45, 0.45, 0.55, 0.38, "V", "(T, d)", "value", fontsize=8)
-    tensor(ax, bx + 2.1, 0.45, 0.55, 0.38, "O", "(T, d)", "token", fontsize=8)
+    tensor(ax, bx + 0.15, 0.45, 0.55, 0.38, "Q", "(T, $d_k$)", "query", fontsize=8)
+    tensor(ax, bx + 0.8, 0.45, 0.55, 0.38, "K", "(T, $d_k$)", "key", fontsize=8)
+    tensor(ax, bx + 1.45, 0.45, 0.55, 0.38, "V", "(T, $d_v$)", "value", fontsize=8)
+    tensor(ax, bx + 2.1, 0.45, 0.55, 0.38, "O", "(T, $d_v$)", "token", fontsize=8)
     note(ax, bx + 2.8, 0.62, "never\nS or A\n(T, T)", fontsize=6.5, role="accent")
     arrow(ax, (bx + 0.6, 1.16), (bx + 0.6, 1.54), role=GREY)
     note(ax, bx + 0.67, 1.35, "load blocks", fontsize=6.5)
@@ -224,6 +274,7 @@ def draw_flash_tiles() -> plt.Figure:
 
 
 FIGURES = {
+    "02_dot_geometry.png": draw_dot_geometry,
     "02_qkv_flow.png": draw_qkv_flow,
     "02_soft_lookup.png": draw_soft_lookup,
     "02_causal_mask.png": draw_causal_mask,
