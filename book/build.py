@@ -189,6 +189,29 @@ def _cite(text: str, bib: Bibliography, where: str) -> str:
 _PROTECTED = re.compile(r"(`+)[\s\S]*?\1|\$\$[\s\S]*?\$\$|(?<!\\)\$[^$\n]+?(?<!\\)\$|\]\([^)]*\)")
 
 
+_CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)([\s\S]+?)(?<!`)\1(?!`)")
+
+
+def _visible_edge_spaces(text: str) -> str:
+    """Show the spaces at the edges of inline code as ␣: pandoc drops them, and a token such as
+    `` ` low` `` (a space, then "low") is not the token `low`. A span padded on both sides by one
+    space around a backtick is CommonMark's way of quoting backticks, and stays as it is."""
+
+    def one(m: re.Match) -> str:
+        ticks, body = m.group(1), m.group(2)
+        if not body.strip(" "):  # a token of spaces
+            return f"{ticks}{'␣' * len(body)}{ticks}"
+        if body.startswith(" ") and body.endswith(" ") and "`" in body:
+            return m.group(0)
+        lead = len(body) - len(body.lstrip(" "))
+        trail = len(body) - len(body.rstrip(" "))
+        if not lead and not trail:
+            return m.group(0)
+        return f"{ticks}{'␣' * lead}{body.strip(' ')}{'␣' * trail}{ticks}"
+
+    return _CODE_SPAN.sub(one, text)
+
+
 def _rewrite_prose(text: str, fn) -> str:
     out, last = [], 0
     for m in _PROTECTED.finditer(text):
@@ -418,7 +441,7 @@ class Renderer:
             parts = re.split(r"(^(?:`{3,}|~{3,})[^\n]*\n[\s\S]*?^(?:`{3,}|~{3,})$)", ch.markdown, flags=re.MULTILINE)
             for j in range(0, len(parts), 2):  # even parts are prose, odd parts are fenced blocks
                 # Figure captions are prose too; their own "Figure N.M" prefix was removed.
-                parts[j] = _rewrite_prose(parts[j], lambda t: _cite(refs(t), self.bib, where))
+                parts[j] = _rewrite_prose(_visible_edge_spaces(parts[j]), lambda t: _cite(refs(t), self.bib, where))
             ch.markdown = "".join(parts)
 
 

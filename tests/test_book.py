@@ -299,6 +299,12 @@ def test_an_appendix_is_lettered(tmp_path):
     assert "#appendix-start(0)" in typ and "<fig-A-1>" in typ and "#link(<fig-A-1>)" in typ
 
 
+def test_spaces_at_the_edges_of_inline_code_are_shown():
+    """Pandoc drops them, and ` low` is another token than `low`."""
+    text = "in ` low` and `re` and (` `,`l`) and `    ` and `a ` and `` `x` `` here"
+    assert build._visible_edge_spaces(text) == "in `␣low` and `re` and (`␣`,`l`) and `␣␣␣␣` and `a␣` and `` `x` `` here"
+
+
 def test_thousands_separators_in_math_have_no_space():
     import pypandoc
 
