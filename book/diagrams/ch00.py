@@ -50,7 +50,7 @@ def draw_lm_loop() -> plt.Figure:
         note(ax, x + bw / 2, by - 0.1, _show(c), ha="center", fontsize=7.5, mono=True, role=INK)
         note(ax, x + bw / 2, by + bh * p + 0.07, f"{p:.2f}", ha="center", fontsize=6.5)
     right = bx + len(bars) * step - (step - bw)
-    note(ax, (bx + right) / 2, by - 0.3, "… all the other tokens", ha="center", fontsize=6.5)
+    note(ax, bx + (len(bars) - 1) * step + bw / 2, by - 0.3, "all the other tokens", ha="center", fontsize=6.5)
     arrow(ax, (mx + mw, mc[1]), (bx - 0.12, mc[1]))
     # 4. Sample one, 5. append it, and go round again.
     sx, sy = 4.65, mc[1]
@@ -76,7 +76,7 @@ def draw_lm_loop() -> plt.Figure:
                         f"$-\\log_2 p(\\mathtt{{f}}) = -\\log_2 {NEXT[0][1]:.2f} = {surprise:.2f}$ bits",
          fontsize=6.8, va="center")
     ax.plot([4.9, 4.9], [0.12, 0.6], color=GREY, lw=0.8)
-    note(ax, 0.3, 0.3, "generation: steps 2 to 6, round after\nround, one new token each time",
+    note(ax, 0.3, 0.3, "generation: steps 1 to 6, round after\nround, one new token each time",
          fontsize=6.8, va="center", role=INK)
     return fig
 

@@ -4,9 +4,11 @@ encode ` return` with the chapter's 512-token tokenizer."""
 
 from __future__ import annotations
 
+import sys
 import textwrap
 import unicodedata
 from functools import cache
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 from matplotlib import font_manager
@@ -21,6 +23,14 @@ UTF8_TEXT = "Aéπ日😀"
 # training documents joined by the end-of-text separator.
 WORD = " return"
 SAMPLE_CHARS, VOCAB = 200_000, 512
+
+
+@cache
+def _cjk_font() -> font_manager.FontProperties | None:
+    """Noto Sans CJK, which the book's environment ships as a pip package; None if it is missing."""
+    for path in sorted(Path(sys.prefix).glob("lib/python*/site-packages/*fonts_cjk*/*.tt[cf]")):
+        return font_manager.FontProperties(fname=str(path))
+    return None
 
 
 @cache
@@ -68,6 +78,8 @@ def draw_utf8_bytes() -> plt.Figure:
         name = unicodedata.name(ch).lower()
         if renders(ch):
             note(ax, cx, top, ch, ha="center", fontsize=14, role=INK)
+        elif name.startswith("cjk") and _cjk_font() is not None:
+            ax.text(cx, top, ch, ha="center", va="center", fontsize=14, color=INK, fontproperties=_cjk_font())
         else:  # no glyph in DejaVu: say what the character is instead of printing a box
             short = "CJK ideograph" if name.startswith("cjk") else name
             box(ax, cx - 0.5, top - 0.14, 1.0, 0.28, short, None, fontsize=7, dashed=True)
@@ -77,7 +89,7 @@ def draw_utf8_bytes() -> plt.Figure:
         note(ax, cx, top - 0.5, wrapped, ha="center", va="top", fontsize=6.5)
         parts = utf8_parts(ch)
         payload_groups = " ".join(p for _, p in parts)
-        note(ax, cx, top - 0.82, "payload bits", ha="center", va="top", fontsize=6.5)
+        note(ax, cx, top - 0.82, "code-point bits", ha="center", va="top", fontsize=6.5)
         note(ax, cx, top - 0.96, payload_groups, ha="center", va="top", fontsize=6.5, mono=True, role=INK)
         # The bytes, one row each, with the byte's value in hex beside it.
         bx = x + 0.06
@@ -94,7 +106,7 @@ def draw_utf8_bytes() -> plt.Figure:
     legend = [
         (0.15, "accent", ("marker bits: a lead byte 0…, 110…, 1110… or 11110… starts a character of 1, 2, 3 "
                           "or 4 bytes;\nevery continuation byte starts with 10")),
-        (5.05, "token", "payload bits: the code point,\nhigh bits first; beside each byte,\nits value in hex"),
+        (5.05, "token", "code-point bits: the code point,\nhigh bits first; beside each byte,\nits value in hex"),
     ]
     for lx, role, text in legend:
         ax.add_patch(Rectangle((lx, ly - 0.06), 0.12, 0.12, fc=light(role, 0.7), ec=color(role), lw=0.6))
@@ -151,7 +163,7 @@ def draw_bpe_merges() -> plt.Figure:
     newest = None
     for r, (parts, found) in enumerate(steps):
         y = top - (r + 1) * row_h + (row_h - box_h) / 2
-        note(ax, x0 - 0.12, y + box_h / 2, "bytes" if r == 0 else f"merge {r}", ha="right", fontsize=7.5,
+        note(ax, x0 - 0.12, y + box_h / 2, "start" if r == 0 else f"after merge {r}", ha="right", fontsize=7.5,
              role=INK)
         pos = 0
         for token in parts:
