@@ -12,6 +12,7 @@ from .style import COLORS, GREY, INK, arrow, box, canvas, color, grid, light, no
 
 # The chapter's worked example (section "A worked example by hand"): three tokens, C = 4, H = 2, D = 2.
 TOKENS = ["self", ".", "x"]
+QUOTED = [f"'{t}'" for t in TOKENS]  # quoted, so that the "." is visible
 X = [[1, 0, 1, 0], [0, 1, 0, 1], [1, 1, 0, 1]]
 W_Q = [[1, 0, 0, 1], [0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 1, 0]]
 W_K = [[1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 1]]
@@ -155,19 +156,19 @@ def draw_two_heads() -> plt.Figure:
         below = top - 3 * c - 0.12
         note(ax, 0.08, mid, f"head {h}", fontsize=8.5, role=INK)
         grid(ax, xa, top, ex["weights"][h], "accent", cell=c, fmt="{:.3f}", masked=future, masked_text="0",
-             row_labels=TOKENS, col_labels=TOKENS, fontsize=6.5)
+             row_labels=QUOTED, col_labels=QUOTED, fontsize=7.5)
         note(ax, xa + 1.5 * c, below, f"weights $A^{{({h})}}$", ha="center", fontsize=7)
         op(ax, (xa + 3 * c + xv) / 2, mid, "@", r=0.11, fontsize=8)
-        grid(ax, xv, top, _cols(v, h), "value", cell=c, fmt="{:g}", fontsize=7)
+        grid(ax, xv, top, _cols(v, h), "value", cell=c, fmt="{:g}", fontsize=8)
         note(ax, xv + c, below, f"$V^{{({h})}}$", ha="center", fontsize=7)
         op(ax, (xv + 2 * c + xh) / 2, mid, "=", r=0.11, fontsize=8)
         _cells(ax, xh, top, ex["heads"][h], [[out_fill[h]] * 2 for _ in range(3)], cell=c, fmt="{:.3f}",
-               edge=color("token"), fontsize=6.5)
+               edge=color("token"), fontsize=7.5)
         note(ax, xh + c, below, f"$\\mathrm{{head}}_{h}$", ha="center", fontsize=7)
     # The two outputs side by side, then mixed by W_O.
     xc, top_c, top_y = 5.2, tops[0], 1.45
     _cells(ax, xc, top_c, ex["concat"], [[out_fill[j // 2] for j in range(4)] for _ in range(3)], cell=c,
-           fmt="{:.3f}", edge=color("token"), fontsize=6.5)
+           fmt="{:.3f}", edge=color("token"), fontsize=7.5)
     for h in range(2):
         _bracket(ax, xc + 2 * h * c, xc + 2 * (h + 1) * c, top_c + 0.06, f"head {h}")
     note(ax, xc + 2 * c, top_c + 0.4, "concatenated  (T, C)", ha="center", fontsize=7.5, role=INK)
@@ -176,7 +177,11 @@ def draw_two_heads() -> plt.Figure:
     yb = top_c - 3 * c
     arrow(ax, (xc + 2 * c, yb - 0.04), (xc + 2 * c, top_y + 0.2))
     note(ax, xc + 2 * c + 0.1, (yb + top_y + 0.16) / 2, "$@\\, W_O$  (C, C)", fontsize=7)
-    grid(ax, xc, top_y, ex["y"], "residual", cell=c, fmt="{:.3f}", fontsize=6.5,
+    # W_O itself, small, beside the output it produces.
+    cw = 0.17
+    grid(ax, xc - 4 * cw - 0.11, top_y - 0.47, W_O, "residual", cell=cw, fmt="{:g}", fontsize=6.8)
+    note(ax, xc - 2 * cw - 0.11, top_y - 0.47 - 4 * cw - 0.12, "$W_O$  (C, C)", ha="center", fontsize=7)
+    grid(ax, xc, top_y, ex["y"], "residual", cell=c, fmt="{:.3f}", fontsize=7.5,
          col_labels=["c0", "c1", "c2", "c3"])
     note(ax, xc + 2 * c, top_y - 3 * c - 0.12, "output y  (T, C)", ha="center", fontsize=7)
     note(ax, xc + 2 * c, top_y - 3 * c - 0.29, "columns c2, c3: head 0 plus head 1", ha="center", fontsize=6.8,
@@ -260,7 +265,7 @@ def draw_gqa_groups() -> plt.Figure:
             xi = x0 + i * (w + gap)
             group = i // per
             box(ax, xi, yq, w, 0.3, f"$q_{i}$", "query", fontsize=6.8,
-                fill=HEAD_FILL[group % 2] if g > 1 else HEAD_FILL[0])
+                fill=HEAD_FILL[group % 2] if 1 < g < n_q else HEAD_FILL[0])
             # Each query head reads the key/value head of its group, h // (H / G).
             kx = x0 + group * per * (w + gap) + (per * (w + gap) - gap) / 2
             ax.plot([xi + w / 2, kx], [yq, ykv + kv_h + 0.01], color=GREY, lw=0.7)
