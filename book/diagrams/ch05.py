@@ -206,7 +206,8 @@ def draw_paths() -> plt.Figure:
         arrow(ax, (xe, y), (plus[0] - 0.1, plus[1] + (y - plus[1]) * 0.35 / 1.2), role=role)
     arrow(ax, (plus[0] + 0.13, plus[1]), (6.7, plus[1]), role="residual")
     note(ax, 6.76, plus[1], "out", ha="left", fontsize=8, role=INK)
-    note(ax, 5.05, 0.2, "L blocks: $2^L$ paths; $\\binom{L}{k}$ of them pass through k blocks",
+    note(ax, 5.05, 0.2,
+         "L residual branches (sublayers): $2^L$ paths; $\\binom{L}{k}$ of them pass through k branches",
          ha="center", fontsize=7.5, role=INK)
     return fig
 
