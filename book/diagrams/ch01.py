@@ -189,7 +189,49 @@ def draw_bpe_merges() -> plt.Figure:
     return fig
 
 
+# The line of Python that the section "Pre-tokenization" splits with both patterns.
+PRE_LINE = "    def __init__(self, size=1024):\n        self.size = size  # bytes\n"
+
+
+def _shown(piece: str) -> str:
+    """A pre-token as printed in the figure: ␣ for a space, ↵ for a newline."""
+    return piece.replace(" ", "␣").replace("\n", "↵")
+
+
+def draw_pretokens() -> plt.Figure:
+    """The same two lines of Python cut into pre-tokens by GPT-2's and GPT-4's patterns."""
+    import regex
+
+    from minillm.tokenizer import GPT2_PATTERN, GPT4_PATTERN
+
+    splits = {name: regex.findall(pattern, PRE_LINE) for name, pattern in
+              [("GPT-2", GPT2_PATTERN), ("GPT-4", GPT4_PATTERN)]}
+    char_w, pad, h = 0.072, 0.05, 0.3
+    fig, ax = canvas(7.2, 2.0)
+    y = 1.9
+    for name, pieces in splits.items():
+        other = set(splits["GPT-4" if name == "GPT-2" else "GPT-2"])
+        ax.text(0.05, y - h - 0.06, name, fontsize=9, color=INK, va="center", weight="bold")
+        x, row_y = 0.75, y
+        for k, piece in enumerate(pieces):
+            w = len(piece) * char_w + pad
+            differs = piece not in other
+            box(ax, x, row_y - h, w, h, _shown(piece), "token", fontsize=7.5, mono=True,
+                fill=None if k % 2 == 0 else "#ffffff")
+            if differs:
+                ax.add_patch(Rectangle((x - 0.02, row_y - h - 0.02), w + 0.04, h + 0.04, fill=False,
+                                       ec=color("accent"), lw=1.3))
+            x += w + 0.04
+            if "\n" in piece and k < len(pieces) - 1:
+                x, row_y = 0.75, row_y - h - 0.12  # the second line of source starts a new row
+        y = row_y - h - 0.22
+    note(ax, 0.75, 0.1, "boxes: pre-tokens, alternately shaded; red outline: a pre-token the other pattern "
+         "does not make; ␣ a space, ↵ a newline", fontsize=7)
+    return fig
+
+
 FIGURES = {
     "01_utf8_bytes.png": draw_utf8_bytes,
+    "01_pretokens.png": draw_pretokens,
     "01_bpe_merges.png": draw_bpe_merges,
 }
