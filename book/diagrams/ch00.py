@@ -1,9 +1,14 @@
-"""Chapter 00's diagram: what a language model is, in one page. A context becomes token ids, the
-model gives a probability to every possible next token, one is sampled and appended, and the loop
-runs again; the same probabilities, read at the true next token, give the loss."""
+"""Chapter 00's diagrams.
+
+What a language model is, in one page: a context becomes token ids, the model gives a probability
+to every possible next token, one is sampled and appended, and the loop runs again; the same
+probabilities, read at the true next token, give the loss. And how the corpus becomes training
+and validation text: each document's split is decided by a hash of its name alone, and the
+documents of each split are joined into one stream with a separator between them."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import matplotlib.pyplot as plt
@@ -13,7 +18,7 @@ from .style import GREY, INK, arrow, box, canvas, color, grid, light, note, op
 
 CONTEXT = "return sel"
 # An invented next-character distribution after "...sel", shaped like the counting model's of
-# Figure 0.7: a few likely characters drawn, the rest of the vocabulary lumped together.
+# Figure 0.8: a few likely characters drawn, the rest of the vocabulary lumped together.
 NEXT = [("f", 0.90), ("e", 0.04), ("l", 0.02), ("d", 0.01), ("s", 0.01)]
 
 
@@ -81,4 +86,65 @@ def draw_lm_loop() -> plt.Figure:
     return fig
 
 
-FIGURES = {"00_lm_loop.png": draw_lm_loop}
+# Five real names of the built-in corpus, in its order (modules sorted by path, then help topics);
+# two of them hash below 0.05. Only the names are drawn, so the figure needs no corpus.
+SPLIT_NAMES = ["copyreg.py", "json/decoder.py", "sched.py", "typing.py", "pydoc_data/topics.py:for"]
+VAL_FRACTION = 0.05
+
+
+def _hash_position(name: str) -> float:
+    # The same number as minillm.corpus.split_of computes: the first 8 bytes of SHA-256(name).
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def draw_split_stream() -> plt.Figure:
+    """Documents -> u = hash(name) -> train or validation -> one stream per split, separators between."""
+    fig, ax = canvas(7.2, 3.3)
+    top, row, bh = 2.86, 0.34, 0.25
+    note(ax, 0.1, top + 0.24, "1. documents, in corpus order", fontsize=7.5, role=INK)
+    note(ax, 2.55, top + 0.24, "2. $u$ = first 8 bytes of SHA-256(name) as a number in [0, 1)",
+         fontsize=7.5, role=INK)
+    lx, lw = 3.95, 1.9  # the number line [0, 1) drawn on every row
+    note(ax, lx, top + 0.04, "0", ha="center", fontsize=6)
+    note(ax, lx + lw, top + 0.04, "1", ha="center", fontsize=6)
+    note(ax, lx + VAL_FRACTION * lw, top + 0.04, "0.05", ha="left", fontsize=6, role="accent")
+    streams: dict[str, list[str]] = {"train": [], "val": []}
+    for i, name in enumerate(SPLIT_NAMES):
+        u = _hash_position(name)
+        split = "val" if u < VAL_FRACTION else "train"
+        streams[split].append(name)
+        y = top - 0.12 - i * row
+        role = "accent" if split == "val" else "token"
+        box(ax, 0.1, y - bh / 2, 2.05, bh, name, "token", fontsize=6.8, mono=True)
+        arrow(ax, (2.2, y), (2.6, y))
+        note(ax, 2.65, y, f"u = {u:.3f}", fontsize=7, mono=True, role=INK)
+        ax.add_patch(Rectangle((lx, y - 0.05), VAL_FRACTION * lw, 0.1, fc=light("accent", 0.45), ec="none"))
+        ax.plot([lx, lx + lw], [y, y], color=GREY, lw=0.8)
+        ax.plot([lx + lw] * 2, [y - 0.04, y + 0.04], color=GREY, lw=0.8)
+        ax.plot([lx + u * lw], [y], "o", ms=4.5, color=color(role), zorder=3)
+        note(ax, lx + lw + 0.15, y, "validation" if split == "val" else "training", fontsize=7, role=role)
+    note(ax, lx, top - 0.12 - (len(SPLIT_NAMES) - 0.45) * row,
+         "shaded: $u$ < 0.05, validation (about 5% of all names)", fontsize=6.3, va="center", role="accent")
+    # 3. Each split becomes one stream.
+    y0 = top - 0.12 - len(SPLIT_NAMES) * row - 0.17
+    note(ax, 0.1, y0, "3. the documents of each split joined into one stream, a separator between two documents",
+         fontsize=7.5, role=INK)
+    sep = "<|endoftext|>"
+    for k, (split, names) in enumerate([("train", streams["train"]), ("val", streams["val"])]):
+        y = y0 - 0.3 - k * 0.38
+        note(ax, 0.95, y, "training" if split == "train" else "validation", ha="right", fontsize=7,
+             role="token" if split == "train" else "accent")
+        x = 1.05
+        for j, name in enumerate(names):
+            if j:
+                w = 0.95
+                box(ax, x, y - bh / 2, w, bh, sep, "mask", fontsize=6.3, mono=True)
+                x += w + 0.04
+            w = 0.12 + 0.072 * len(name)
+            box(ax, x, y - bh / 2, w, bh, name, "token", fontsize=6.3, mono=True)
+            x += w + 0.04
+        note(ax, x + 0.02, y, "…", fontsize=8, role=INK)
+    return fig
+
+
+FIGURES = {"00_lm_loop.png": draw_lm_loop, "00_split_stream.png": draw_split_stream}
