@@ -276,10 +276,10 @@ def draw_gqa_groups() -> plt.Figure:
                                    lw=0.8))
             ax.add_patch(Rectangle((kx0, ykv), kw, kv_h / 2, fc=light("value", 0.75), ec=color("value"), lw=0.8))
             small = kw < 0.3
-            ax.text(kx0 + kw / 2, ykv + 0.75 * kv_h, f"$k_{j}$" if small else f"$K_{j}$ (shared)" if per > 1
-                    else f"$K_{j}$", ha="center", va="center", fontsize=6.5, color=INK)
-            ax.text(kx0 + kw / 2, ykv + 0.25 * kv_h, f"$v_{j}$" if small else f"$V_{j}$", ha="center",
-                    va="center", fontsize=6.5, color=INK)
+            shared = " (shared)" if per > 1 and not small else ""
+            ax.text(kx0 + kw / 2, ykv + 0.75 * kv_h, f"$k_{j}${shared}", ha="center", va="center", fontsize=6.5,
+                    color=INK)
+            ax.text(kx0 + kw / 2, ykv + 0.25 * kv_h, f"$v_{j}$", ha="center", va="center", fontsize=6.5, color=INK)
         if g < n_q:
             note(ax, x0 + width / 2, ykv - 0.14, f"each K, V serves {per} query heads", ha="center", fontsize=6.5)
         else:
