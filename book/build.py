@@ -212,6 +212,28 @@ def _visible_edge_spaces(text: str) -> str:
     return _CODE_SPAN.sub(one, text)
 
 
+# A fenced block, also one indented inside a list item; it ends at a fence of the same kind.
+_FENCE = re.compile(r"^[ \t]*(?P<fence>`{3,}|~{3,})[^\n]*\n[\s\S]*?^[ \t]*(?P=fence)[ \t]*$", re.MULTILINE)
+
+
+def split_fenced(markdown: str) -> list[str]:
+    """The markdown cut into prose (even indices) and fenced code blocks (odd indices)."""
+    parts, last = [], 0
+    for m in _FENCE.finditer(markdown):
+        parts += [markdown[last : m.start()], m.group(0)]
+        last = m.end()
+    return parts + [markdown[last:]]
+
+
+_MATH = re.compile(r"\$\$[\s\S]*?\$\$|(?<!\\)\$[^$\n]+?(?<!\\)\$")
+
+
+def mark_math_thousands(text: str) -> str:
+    """Write a thousands separator in math, `$1{,}024$`, as `\\text{,}`: pandoc would turn `{,}`
+    into the same `\\,` as the comma of a tuple `$(64, 128)$`, and the two must print differently."""
+    return _MATH.sub(lambda m: m.group(0).replace("{,}", "\\text{,}"), text)
+
+
 def _rewrite_prose(text: str, fn) -> str:
     out, last = [], 0
     for m in _PROTECTED.finditer(text):
@@ -438,18 +460,20 @@ class Renderer:
 
         for ch in chapters:
             where = str(ch.path.relative_to(ROOT) if ch.path.is_relative_to(ROOT) else ch.path.name)
-            parts = re.split(r"(^(?:`{3,}|~{3,})[^\n]*\n[\s\S]*?^(?:`{3,}|~{3,})$)", ch.markdown, flags=re.MULTILINE)
+            parts = split_fenced(ch.markdown)
             for j in range(0, len(parts), 2):  # even parts are prose, odd parts are fenced blocks
                 # Figure captions are prose too; their own "Figure N.M" prefix was removed.
-                parts[j] = _rewrite_prose(_visible_edge_spaces(parts[j]), lambda t: _cite(refs(t), self.bib, where))
+                prose = mark_math_thousands(_visible_edge_spaces(parts[j]))
+                parts[j] = _rewrite_prose(prose, lambda t: _cite(refs(t), self.bib, where))
             ch.markdown = "".join(parts)
 
 
 # -- typst ----------------------------------------------------------------------------------------
 
-# A thousands separator in math, `$1{,}024$`, reaches typst as `1 \, 024`, which typst sets as a
-# punctuation comma followed by a space ("1, 024"); a quoted comma is set as in text ("1,024").
-_MATH_THOUSANDS = re.compile(r"(\d) \\, (?=\d{3}(?!\d))")
+# A thousands separator in math, `$1{,}024$`, is marked by `mark_math_thousands` and reaches typst
+# as `1 upright(",") 024`, which typst sets with spaces around the comma; a quoted comma between the
+# digits is set as in text ("1,024").
+_MATH_THOUSANDS = re.compile(r'(\d) upright\(","\) (?=\d{3}(?!\d))')
 
 
 def fix_typst(text: str) -> str:

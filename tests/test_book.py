@@ -308,9 +308,18 @@ def test_spaces_at_the_edges_of_inline_code_are_shown():
 def test_thousands_separators_in_math_have_no_space():
     import pypandoc
 
-    typ = build.fix_typst(pypandoc.convert_text("$d = 1{,}024$ and $10{,}000{,}000 x$ and $a \\, b$", "typst",
-                                                format="markdown"))
+    md = build.mark_math_thousands("$d = 1{,}024$ and $10{,}000{,}000 x$ and $a \\, b$ and $(64, 128)$")
+    typ = build.fix_typst(pypandoc.convert_text(md, "typst", format="markdown"))
     assert '1","024' in typ and '10","000","000' in typ and "a thin b" in typ, typ  # a thin space elsewhere stays
+    assert "64 \\, 128" in typ, typ  # the comma of a tuple is not a thousands separator
+
+
+def test_fenced_blocks_are_found_also_inside_list_items():
+    """Text rewrites skip code blocks; a block indented under an exercise must not be read as prose."""
+    md = "1. Run this:\n\n   ```python\n   x = ` a `\n   ```\n\n2. and `  b`\n```\ny\n```\n"
+    parts = build.split_fenced(md)
+    assert parts[1] == "   ```python\n   x = ` a `\n   ```" and parts[3] == "```\ny\n```", parts
+    assert "".join(parts) == md
 
 
 def test_lint_catches_what_printed_badly():
