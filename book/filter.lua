@@ -62,3 +62,39 @@ function Str(s)
   end
   return out
 end
+
+-- A figure's caption can run to several sentences; the list of figures shows only its first. The
+-- caption becomes both, and the template's `in-outline` state says which one is being set.
+local ABBREVIATIONS = { ["e.g."] = true, ["i.e."] = true, ["al."] = true, ["vs."] = true, ["cf."] = true }
+
+local function first_sentence(inlines)
+  local short = pandoc.List()
+  for i, el in ipairs(inlines) do
+    short:insert(el)
+    local nxt = inlines[i + 1]
+    if el.t == "Str" and el.text:match("%.$") and not ABBREVIATIONS[el.text]
+        and (nxt == nil or nxt.t == "Space" or nxt.t == "SoftBreak") then
+      return short, i < #inlines
+    end
+  end
+  return short, false
+end
+
+function Figure(f)
+  local blocks = f.caption.long
+  if #blocks ~= 1 or (blocks[1].t ~= "Plain" and blocks[1].t ~= "Para") then
+    return nil
+  end
+  local long = blocks[1].content
+  local short, shorter = first_sentence(long)
+  if not shorter then
+    return nil
+  end
+  local both = pandoc.List({ pandoc.RawInline("typst", "#context if in-outline.get() [") })
+  both:extend(short)
+  both:insert(pandoc.RawInline("typst", "] else ["))
+  both:extend(long)
+  both:insert(pandoc.RawInline("typst", "]"))
+  f.caption.long = { pandoc.Plain(both) }
+  return f
+end

@@ -287,7 +287,7 @@ def test_an_appendix_is_lettered(tmp_path):
     chapter = _tiny_notebook(tmp_path, [_md("# Two\n\nSee Figure A.1.\n\n## A section\n\nText.")], "02_two.ipynb")
     appendix = _tiny_notebook(tmp_path, [
         _md("# Tools\n\n## Tensors\n\nFigure A.1 and Figure 5.9 (not in this document)."),
-        _code("plot()", [image]), _md("**Figure A.1.** A picture."),
+        _code("plot()", [image]), _md("**Figure A.1.** A picture. It shows, e.g., nothing much."),
     ], "A_tools.ipynb")
     assert [n for n, _ in build.chapter_notebooks(tmp_path)] == [2, "A"]
     assert build.chapter_notebooks(tmp_path, "a") == [("A", appendix)]
@@ -295,6 +295,8 @@ def test_an_appendix_is_lettered(tmp_path):
     text = _text(pypdf.PdfReader(pdf))
     assert "Appendix A" in text and "A.1 Tensors" in text and "2.1 A section" in text
     assert text.count("Figure A.1") >= 3  # the list of figures, the caption and two references
+    # the list of figures shows the caption's first sentence, the figure all of it
+    assert text.count("A picture.") == 2 and text.count("nothing much") == 1, text
     typ = (tmp_path / "out" / "t.typ").read_text(encoding="utf-8")
     assert "#appendix-start(0)" in typ and "<fig-A-1>" in typ and "#link(<fig-A-1>)" in typ
 
