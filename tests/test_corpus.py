@@ -151,7 +151,8 @@ def test_jsonl(tmp_path):
 @pytest.mark.parametrize(
     "content, match",
     [
-        ('{"text": "ok"}\n{"text": oops}\n', r"data\.jsonl:2: not a JSON object"),
+        ('{"text": "ok"}\n{"text": oops}\n', r"data\.jsonl:2: not a JSON object \(Expecting value at column 10\)"),
+        ('{"text": "ok"}\n{"text": "no end}\n', r"data\.jsonl:2: not a JSON object \(Unterminated string starting at column 10\)"),
         ('{"text": "ok"}\n{"body": "x"}\n', r"data\.jsonl:2: no 'text' field \(found \['body'\]\)"),
         ('["a list"]\n', r"data\.jsonl:1: no 'text' field \(found list\)"),
         ('{"text": 5}\n', r"data\.jsonl:1: field 'text' is int"),

@@ -198,8 +198,13 @@ def iter_jsonl(path: Path, text_field: str = "text", name: str | None = None) ->
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                # Without its line ending: an unclosed string then reads as unterminated, not as
+                # an "invalid control character" (the newline).
+                record = json.loads(raw.rstrip(b"\r\n"))
+            except json.JSONDecodeError as e:
+                where = f"{e.msg} column {e.colno}" if e.msg.endswith(" at") else f"{e.msg} at column {e.colno}"
+                raise CorpusError(f"{path}:{lineno}: not a JSON object ({where}); each line must be one JSON object") from None
+            except UnicodeDecodeError as e:
                 raise CorpusError(f"{path}:{lineno}: not a JSON object ({e}); each line must be one JSON object") from None
             if not isinstance(record, dict) or text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
