@@ -140,7 +140,7 @@ def _block_panel(ax: plt.Axes, top: float, post: bool) -> None:
             box(ax, x0 + 1.14, yb, 1.12, h, sub, None, fontsize=7)
             _write(ax, x0 + 2.26, yb + h / 2, x0 + 2.55, ys)
         note(ax, 3.4, ys - 0.2, "h  (B, T, C)", ha="center", va="top", fontsize=6.5, mono=True, role="residual")
-        note(ax, 3.66, top - 0.02, "(a) pre-norm (GPT-2, Llama, this book):   h = x + Attn(Norm(x)),   "
+        note(ax, 3.66, top - 0.02, "(a) pre-norm (as in GPT-2 and Llama; this book's parts):   h = x + Attn(Norm(x)),   "
              "out = h + MLP(Norm(h))", ha="center", fontsize=7.5, role=INK)
         note(ax, 3.66, ys - 0.42, "from out back to x the stream holds only additions: a path with gradient "
              "exactly the identity", ha="center", fontsize=7, role="residual")
