@@ -186,7 +186,8 @@ def _cite(text: str, bib: Bibliography, where: str) -> str:
 # -- markdown -------------------------------------------------------------------------------------
 
 # Code spans, display and inline math, and links are left alone by the text rewrites.
-_PROTECTED = re.compile(r"(`+)[\s\S]*?\1|\$\$[\s\S]*?\$\$|(?<!\\)\$[^$\n]+?(?<!\\)\$|\]\([^)]*\)")
+_MATH = re.compile(r"\$\$[\s\S]*?\$\$|(?<!\\)\$[^$\n]+?(?<!\\)\$")
+_PROTECTED = re.compile(rf"(`+)[\s\S]*?\1|{_MATH.pattern}|\]\([^)]*\)")
 
 
 _CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)([\s\S]+?)(?<!`)\1(?!`)")
@@ -223,9 +224,6 @@ def split_fenced(markdown: str) -> list[str]:
         parts += [markdown[last : m.start()], m.group(0)]
         last = m.end()
     return parts + [markdown[last:]]
-
-
-_MATH = re.compile(r"\$\$[\s\S]*?\$\$|(?<!\\)\$[^$\n]+?(?<!\\)\$")
 
 
 def mark_math_thousands(text: str) -> str:

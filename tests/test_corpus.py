@@ -14,6 +14,7 @@ from minillm.corpus import (
     CorpusError,
     Document,
     check_output_path,
+    hash_position,
     input_paths,
     load_corpus,
     split_of,
@@ -105,6 +106,9 @@ def test_split_is_stable_and_independent():
     small = Corpus("x", [Document(n, "x") for n in names[:100]])
     assert [m.split for m in small.manifest] == splits[:100]
     assert split_of("json/decoder.py", 0.0) == "train"
+    # the split reads the name's hash position: a known value, and the threshold on either side
+    u = hash_position("copyreg.py")
+    assert round(u, 3) == 0.016 and split_of("copyreg.py", u) == "train" and split_of("copyreg.py", u + 1e-9) == "val"
     with pytest.raises(CorpusError, match="val_fraction"):
         split_of("a", 1.0)
 

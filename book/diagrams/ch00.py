@@ -8,11 +8,12 @@ documents of each split are joined into one stream with a separator between them
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
+
+from minillm.corpus import hash_position, split_of
 
 from .style import GREY, INK, arrow, box, canvas, color, grid, light, note, op
 
@@ -92,11 +93,6 @@ SPLIT_NAMES = ["copyreg.py", "json/decoder.py", "sched.py", "typing.py", "pydoc_
 VAL_FRACTION = 0.05
 
 
-def _hash_position(name: str) -> float:
-    # The same number as minillm.corpus.split_of computes: the first 8 bytes of SHA-256(name).
-    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2**64
-
-
 def draw_split_stream() -> plt.Figure:
     """Documents -> u = hash(name) -> train or validation -> one stream per split, separators between."""
     fig, ax = canvas(7.2, 3.3)
@@ -110,8 +106,7 @@ def draw_split_stream() -> plt.Figure:
     note(ax, lx + VAL_FRACTION * lw, top + 0.04, "0.05", ha="left", fontsize=6, role="accent")
     streams: dict[str, list[str]] = {"train": [], "val": []}
     for i, name in enumerate(SPLIT_NAMES):
-        u = _hash_position(name)
-        split = "val" if u < VAL_FRACTION else "train"
+        u, split = hash_position(name), split_of(name, VAL_FRACTION)
         streams[split].append(name)
         y = top - 0.12 - i * row
         role = "accent" if split == "val" else "token"

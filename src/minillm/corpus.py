@@ -44,6 +44,7 @@ __all__ = [
     "Document",
     "ManifestEntry",
     "Corpus",
+    "hash_position",
     "split_of",
     "stdlib_root",
     "stdlib_files",
@@ -91,16 +92,20 @@ class ManifestEntry:
     split: Split
 
 
+def hash_position(name: str) -> float:
+    """The first 8 bytes of SHA-256(name), read as a number in [0, 1): where `split_of` places a name."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
 def split_of(name: str, val_fraction: float = 0.05) -> Split:
     """The split of a document, a pure function of its name.
 
-    The first 8 bytes of SHA-256(name) read as a number in [0, 1); below `val_fraction` means
-    validation. The same name always lands in the same split, on any machine and any run.
+    Its `hash_position` below `val_fraction` means validation. The same name always lands in the
+    same split, on any machine and any run.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise CorpusError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    h = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big")
-    return "val" if h / 2**64 < val_fraction else "train"
+    return "val" if hash_position(name) < val_fraction else "train"
 
 
 @dataclass
@@ -201,11 +206,10 @@ def iter_jsonl(path: Path, text_field: str = "text", name: str | None = None) ->
                 # Without its line ending: an unclosed string then reads as unterminated, not as
                 # an "invalid control character" (the newline).
                 record = json.loads(raw.rstrip(b"\r\n"))
-            except json.JSONDecodeError as e:
-                where = f"{e.msg} column {e.colno}" if e.msg.endswith(" at") else f"{e.msg} at column {e.colno}"
-                raise CorpusError(f"{path}:{lineno}: not a JSON object ({where}); each line must be one JSON object") from None
-            except UnicodeDecodeError as e:
-                raise CorpusError(f"{path}:{lineno}: not a JSON object ({e}); each line must be one JSON object") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                # json's own message ends "... at: line 1 column 27 (char 26)"; the line is ours.
+                why = f"{e.msg.removesuffix(' at')} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else e
+                raise CorpusError(f"{path}:{lineno}: not a JSON object ({why}); each line must be one JSON object") from None
             if not isinstance(record, dict) or text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise CorpusError(
